@@ -1,0 +1,17 @@
+"""Every environment variable sae_serve reads, in one place (as vLLM's envs.py does)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """SAE_SERVE_CACHE: where converted models and harvested activations live."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae_serve"
+    return Path(os.environ.get("SAE_SERVE_CACHE", default))
+
+
+def plugin_config_path() -> str | None:
+    """SAE_SERVE_CONFIG: the config file the vLLM plugin reads in every worker."""
+    return os.environ.get("SAE_SERVE_CONFIG") or None

@@ -1,0 +1,41 @@
+"""One exception hierarchy for sae_serve.
+
+Every message names the file or field at fault. Servers map these classes to HTTP and gRPC
+status codes in one place (``server/``); nothing below the servers knows about status codes.
+"""
+
+from __future__ import annotations
+
+
+class SaeServeError(Exception):
+    """Base class of every error sae_serve raises on purpose."""
+
+
+class SaeFormatError(SaeServeError):
+    """An SAE file or folder is missing, corrupt, or in a layout we do not support."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+class SaeMismatchError(SaeServeError):
+    """An SAE does not fit the model it is attached to (width, layer count)."""
+
+
+class ModelUnavailableError(SaeServeError):
+    """The embedded default model cannot be prepared (package missing, checksum mismatch)."""
+
+
+class SpecError(SaeServeError):
+    """A steering or readout request is invalid. ``field`` is a dotted path into the request."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class PolicyError(SpecError):
+    """A request is well formed but the server's policy forbids it."""

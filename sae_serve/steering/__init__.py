@@ -1,0 +1,1 @@
+"""Engine-agnostic steering math: request schema, per-step plans, the hook."""

@@ -1,0 +1,240 @@
+"""What a request may ask: the steering and readout schema, and its resolution against the
+loaded SAEs into a frozen, engine-ready ``ResolvedRequest``.
+
+Math (DESIGN.md): for each intervened feature i with target t_i,
+x' = x + sum_i (t_i - a_i(x)) W_dec[i]; the SAE's reconstruction error passes through unchanged
+(Scaling Monosemanticity, "Feature steering"). Every mode is an affine target t = mult * a + offset:
+clamp v -> (0, v), add v -> (1, v), scale v -> (v, 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from sae_serve.errors import SpecError
+from sae_serve.sae.registry import SaeRegistry
+
+# Hard sanity bounds, whatever the policy says: beyond them no model output is meaningful.
+MAX_ABS_VALUE = 1e4
+MAX_ABS_MULTIPLE = 1e3
+MAX_INTERVENTIONS = 256
+MAX_TOP_K = 64
+MAX_READOUT_FEATURES = 256
+
+FeatureRef = StrictInt | Annotated[str, Field(min_length=1, max_length=128)]
+Bounded = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
+Multiple = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_MULTIPLE, le=MAX_ABS_MULTIPLE)]
+Positions = Literal["all", "prompt", "generated"]
+Mode = Literal["clamp", "add", "scale"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Intervention(_Strict):
+    """Edit one feature of one SAE on every token in scope."""
+
+    sae: str = Field(max_length=64, description="Name of a loaded SAE (see GET /v1/saes).")
+    feature: FeatureRef = Field(description="Feature index, or its catalog label.")
+    mode: Mode = Field(description="clamp: set to a value; add: add a value; scale: multiply (0 ablates).")
+    value: Bounded | None = Field(default=None, description="The value for clamp, add or scale.")
+    multiple_of_max: Multiple | None = Field(
+        default=None, description="clamp only: target = this multiple of the feature's max activation."
+    )
+
+    @model_validator(mode="after")
+    def _one_strength(self) -> Intervention:
+        if self.mode == "clamp":
+            if (self.value is None) == (self.multiple_of_max is None):
+                raise ValueError("clamp takes exactly one of value or multiple_of_max")
+        else:
+            if self.multiple_of_max is not None:
+                raise ValueError(f"multiple_of_max applies to clamp only, not {self.mode}")
+            if self.value is None:
+                raise ValueError(f"{self.mode} needs a value")
+        return self
+
+
+class VectorSteering(_Strict):
+    """Add ``coefficient`` times a named steering vector from the server's registry."""
+
+    name: str = Field(max_length=64, description="Name of a registered steering vector.")
+    coefficient: Bounded = Field(description="Multiplier of the vector.")
+
+
+class SteeringSpec(_Strict):
+    """The ``steering`` object of a request."""
+
+    interventions: list[Intervention] = Field(default=[], max_length=MAX_INTERVENTIONS)
+    vectors: list[VectorSteering] = Field(default=[], max_length=16)
+    positions: Positions = Field(
+        default="all", description="Which tokens are edited: all, prompt only, or generated only."
+    )
+
+
+class FeatureReadoutSpec(_Strict):
+    """The ``return_features`` object: per-token activations of one SAE."""
+
+    sae: str = Field(max_length=64)
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K, description="The k most active features per token.")
+    features: list[FeatureRef] | None = Field(
+        default=None, min_length=1, max_length=MAX_READOUT_FEATURES,
+        description="These features' activations on every token.",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> FeatureReadoutSpec:
+        if (self.top_k is None) == (self.features is None):
+            raise ValueError("return_features takes exactly one of top_k or features")
+        return self
+
+
+class RequestSpec(_Strict):
+    """Everything sae_serve reads from a request body."""
+
+    steering: SteeringSpec | None = None
+    return_features: FeatureReadoutSpec | None = None
+
+
+# --- resolved, engine-ready form ---------------------------------------------------------------
+@dataclass(frozen=True)
+class SaeEdit:
+    """One request's feature edits on one SAE: t = mult * a + offset for each feature."""
+
+    features: tuple[int, ...]
+    mult: tuple[float, ...]
+    offset: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class AppliedIntervention:
+    """What was applied, for the response: the feature index and the concrete clamp value."""
+
+    sae: str
+    feature: int
+    label: str | None
+    mode: Mode
+    value: float
+
+
+@dataclass(frozen=True)
+class ResolvedReadout:
+    sae: str
+    top_k: int | None
+    features: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A validated request, in indices and tensors. Empty when the request neither steers nor reads."""
+
+    edits: dict[str, SaeEdit]
+    vectors: dict[str, torch.Tensor]  # SAE name -> (d_in,) sum of coefficient * vector
+    positions: Positions
+    readout: ResolvedReadout | None
+    applied: tuple[AppliedIntervention, ...]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.edits and not self.vectors and self.readout is None
+
+    def sae_names(self) -> set[str]:
+        names = set(self.edits) | set(self.vectors)
+        return names | ({self.readout.sae} if self.readout else set())
+
+
+EMPTY_REQUEST = ResolvedRequest({}, {}, "all", None, ())
+
+
+def _affine(mode: Mode, value: float) -> tuple[float, float]:
+    return {"clamp": (0.0, value), "add": (1.0, value), "scale": (value, 0.0)}[mode]
+
+
+def _require_sae(registry: SaeRegistry, name: str, field: str) -> None:
+    if name not in registry.saes:
+        raise SpecError(field, f"unknown SAE {name!r} (loaded: {sorted(registry.saes)})")
+
+
+def _resolve_intervention(
+    item: Intervention, registry: SaeRegistry, field: str
+) -> AppliedIntervention:
+    _require_sae(registry, item.sae, f"{field}.sae")
+    catalog = registry.saes[item.sae].catalog
+    index = catalog.resolve(item.feature, f"{field}.feature")
+    value = item.value
+    if item.multiple_of_max is not None:
+        max_act = catalog.info(index).max_activation
+        if max_act is None:
+            raise SpecError(
+                f"{field}.multiple_of_max",
+                f"feature {index} of SAE {item.sae!r} has no calibrated max activation; use value",
+            )
+        value = item.multiple_of_max * max_act
+    assert value is not None  # guaranteed by Intervention's validator
+    return AppliedIntervention(item.sae, index, catalog.label_of(index), item.mode, value)
+
+
+def _edits(applied: tuple[AppliedIntervention, ...], field: str) -> dict[str, SaeEdit]:
+    by_sae: dict[str, list[AppliedIntervention]] = {}
+    for i, item in enumerate(applied):
+        group = by_sae.setdefault(item.sae, [])
+        if any(prev.feature == item.feature for prev in group):
+            raise SpecError(f"{field}[{i}].feature", f"feature {item.feature} of SAE {item.sae!r} is edited twice")
+        group.append(item)
+    edits = {}
+    for sae, items in by_sae.items():
+        pairs = [_affine(it.mode, it.value) for it in items]
+        edits[sae] = SaeEdit(
+            tuple(it.feature for it in items), tuple(m for m, _ in pairs), tuple(c for _, c in pairs)
+        )
+    return edits
+
+
+def _vectors(spec: SteeringSpec, registry: SaeRegistry) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    for i, item in enumerate(spec.vectors):
+        vec = registry.vectors.get(item.name)
+        if vec is None:
+            raise SpecError(
+                f"steering.vectors[{i}].name",
+                f"unknown steering vector {item.name!r} (registered: {sorted(registry.vectors)})",
+            )
+        sums[vec.sae] = sums.get(vec.sae, 0) + item.coefficient * vec.vector
+    return sums
+
+
+def _readout(spec: FeatureReadoutSpec, registry: SaeRegistry) -> ResolvedReadout:
+    _require_sae(registry, spec.sae, "return_features.sae")
+    if spec.features is None:
+        return ResolvedReadout(spec.sae, spec.top_k, None)
+    catalog = registry.saes[spec.sae].catalog
+    indices = tuple(
+        catalog.resolve(ref, f"return_features.features[{i}]") for i, ref in enumerate(spec.features)
+    )
+    return ResolvedReadout(spec.sae, None, indices)
+
+
+def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
+    """Check ``spec`` against the loaded SAEs; errors name the request field at fault."""
+    steering = spec.steering or SteeringSpec()
+    field = "steering.interventions"
+    applied = tuple(
+        _resolve_intervention(item, registry, f"{field}[{i}]")
+        for i, item in enumerate(steering.interventions)
+    )
+    for item in applied:
+        if not math.isfinite(item.value) or abs(item.value) > MAX_ABS_VALUE * MAX_ABS_MULTIPLE:
+            raise SpecError(field, f"resolved value {item.value} for feature {item.feature} is out of range")
+    return ResolvedRequest(
+        edits=_edits(applied, field),
+        vectors=_vectors(steering, registry),
+        positions=steering.positions,
+        readout=_readout(spec.return_features, registry) if spec.return_features else None,
+        applied=applied,
+    )

@@ -1,0 +1,62 @@
+"""Shared builders and fixtures: one SAE builder, one default-model engine per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+from sae_serve.sae.model import SaeConfig, SparseAutoencoder, build_sae  # noqa: E402
+
+DEFAULT_D_MODEL = 576
+DEFAULT_LAYERS = 30
+
+
+def make_sae(
+    arch: str = "relu",
+    d_in: int = 16,
+    d_sae: int = 64,
+    seed: int = 0,
+    *,
+    hook_layer: int = 1,
+    k: int = 4,
+    apply_b_dec_to_input: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> SparseAutoencoder:
+    """A random SAE whose features are unit decoder directions, about half active on random x."""
+    gen = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(d_sae, d_in, generator=gen, dtype=torch.float64)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    tensors = {
+        "W_enc": w_dec.T.clone() + 0.1 * torch.randn(d_in, d_sae, generator=gen, dtype=torch.float64),
+        "b_enc": 0.1 * torch.randn(d_sae, generator=gen, dtype=torch.float64),
+        "W_dec": w_dec,
+        "b_dec": 0.1 * torch.randn(d_in, generator=gen, dtype=torch.float64),
+    }
+    if arch == "jumprelu":
+        tensors["threshold"] = 0.05 + 0.1 * torch.rand(d_sae, generator=gen, dtype=torch.float64)
+    cfg = SaeConfig(arch, d_in, d_sae, hook_layer, k=k if arch == "topk" else None,
+                    apply_b_dec_to_input=apply_b_dec_to_input, model_name="test")
+    return build_sae(cfg, {n: t.to(dtype) for n, t in tensors.items()}, "make_sae")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from sae_serve.models import prepare_model
+
+    return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_dir: Path):
+    """(model, tokenizer) of the default model, loaded once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    return model.eval(), tokenizer
