@@ -9,7 +9,6 @@ clamp v -> (0, v), add v -> (1, v), scale v -> (v, 0).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -167,8 +166,9 @@ def _resolve_intervention(
     _require_sae(registry, item.sae, f"{field}.sae")
     catalog = registry.saes[item.sae].catalog
     index = catalog.resolve(item.feature, f"{field}.feature")
-    value = item.value
-    if item.multiple_of_max is not None:
+    if item.multiple_of_max is None:
+        value = float(item.value or 0.0)  # the schema guarantees a value when there is no multiple
+    else:
         max_act = catalog.info(index).max_activation
         if max_act is None:
             raise SpecError(
@@ -176,7 +176,6 @@ def _resolve_intervention(
                 f"feature {index} of SAE {item.sae!r} has no calibrated max activation; use value",
             )
         value = item.multiple_of_max * max_act
-    assert value is not None  # guaranteed by Intervention's validator
     return AppliedIntervention(item.sae, index, catalog.label_of(index), item.mode, value)
 
 
@@ -228,9 +227,6 @@ def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
         _resolve_intervention(item, registry, f"{field}[{i}]")
         for i, item in enumerate(steering.interventions)
     )
-    for item in applied:
-        if not math.isfinite(item.value) or abs(item.value) > MAX_ABS_VALUE * MAX_ABS_MULTIPLE:
-            raise SpecError(field, f"resolved value {item.value} for feature {item.feature} is out of range")
     return ResolvedRequest(
         edits=_edits(applied, field),
         vectors=_vectors(steering, registry),
