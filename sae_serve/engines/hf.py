@@ -86,7 +86,7 @@ class HFEngine:
         if loaded.name in step.splice:
             return splice(flat, loaded.sae).view_as(hidden)
         plan = build_plan(
-            loaded.name, step.requests, step.layout, d_in=loaded.sae.d_in,
+            loaded.name, step.requests, step.layout,
             topk_sae=loaded.sae.cfg.architecture == "topk", device=hidden.device, dtype=loaded.sae.dtype,
         )
         result = apply_plan(flat, loaded.sae, plan)

@@ -4,7 +4,7 @@
 
 which is the paper's "clamp the feature, keep the error term": decoding the edited activations
 and adding back the reconstruction error x - x_hat reduces to adding the change along the edited
-features' decoder directions. Only the features in S are encoded unless the SAE is TopK or a
+features' decoder directions. Only the features in S are encoded unless the SAE is TopK or the
 request reads its top-k features (DESIGN.md, "cost model"). Rows outside the plan are untouched.
 """
 
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from sae_serve.sae.model import SparseAutoencoder
-from sae_serve.steering.plan import SaePlan
+from sae_serve.steering.plan import SaePlan, Segment
 
 
 class FeatureActivations(NamedTuple):
@@ -31,41 +31,45 @@ class HookResult(NamedTuple):
     readouts: dict[int, FeatureActivations]  # by request index in the step
 
 
-def _activations(x_rows: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(n_rows, n_feat) activations of S, and (n_rows, d_sae) all activations when needed."""
-    if plan.full_encode:
+def _encode(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n, m) activations of the segment's features, and (n, d_sae) all of them when needed."""
+    if seg.full_encode:
         full = sae.encode(x_rows)
-        return full[:, plan.features], full
-    return sae.encode_subset(x_rows, plan.features), None
+        return full[:, seg.features], full
+    return sae.encode_subset(x_rows, seg.features), None
 
 
-def _readout(plan: SaePlan, acts: torch.Tensor, full: torch.Tensor | None, features: torch.Tensor) -> dict[int, FeatureActivations]:
-    out = {}
-    for r in plan.readouts:
-        if r.top_k is not None:
-            assert full is not None  # plan.full_encode is set whenever a readout asks for top_k
-            values, indices = torch.topk(full[r.rows], k=min(r.top_k, full.shape[1]), dim=1)
-        else:
-            values = acts[r.rows][:, r.columns]
-            indices = features[r.columns].expand(values.shape[0], -1)
-        out[r.request] = FeatureActivations(r.positions, indices.cpu(), values.float().cpu())
-    return out
+def _delta(acts: torch.Tensor, sae: SparseAutoencoder, seg: Segment) -> torch.Tensor:
+    """(e, d_in) change of the rows in the steering scope."""
+    delta = torch.zeros((seg.edit_rows.numel(), sae.d_in), dtype=sae.dtype, device=acts.device)
+    if seg.mult is not None:
+        scoped = acts.index_select(0, seg.edit_rows)
+        delta = ((seg.mult - 1) * scoped + seg.offset) @ sae.W_dec[seg.features]
+    if seg.vector is not None:
+        delta = delta + seg.vector
+    return delta
 
 
-def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan | None) -> HookResult:
-    """Edit and read ``x`` (tokens, d_in) as ``plan`` says; no plan, no work."""
-    if plan is None:
-        return HookResult(x, {})
-    x_rows = x.index_select(0, plan.rows)
-    acts, full = _activations(x_rows, sae, plan)
-    if plan.mult is not None or plan.vector is not None:
-        delta = torch.zeros(x_rows.shape, dtype=sae.dtype, device=x.device)
-        if plan.mult is not None:
-            delta = ((plan.mult - 1) * acts + plan.offset) @ sae.W_dec[plan.features]
-        if plan.vector is not None:
-            delta = delta + plan.vector
-        x = x.index_add(0, plan.rows, delta.to(x.dtype))
-    return HookResult(x, _readout(plan, acts, full, plan.features))
+def _readout(seg: Segment, acts: torch.Tensor, full: torch.Tensor | None) -> FeatureActivations:
+    if seg.top_k is not None and full is not None:
+        values, indices = torch.topk(full, k=min(seg.top_k, full.shape[1]), dim=1)
+    else:
+        values = acts[:, seg.read_columns]
+        indices = seg.features[seg.read_columns].expand(values.shape[0], -1)
+    return FeatureActivations(seg.positions, indices.cpu(), values.float().cpu())
+
+
+def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> HookResult:
+    """Edit and read ``x`` (tokens, d_in) as ``plan`` says; an empty plan does no work."""
+    readouts = {}
+    for seg in plan:
+        x_rows = x.index_select(0, seg.rows)
+        acts, full = _encode(x_rows, sae, seg)
+        if seg.edits:
+            x = x.index_add(0, seg.rows[seg.edit_rows], _delta(acts, sae, seg).to(x.dtype))
+        if seg.reads:
+            readouts[seg.request] = _readout(seg, acts, full)
+    return HookResult(x, readouts)
 
 
 def splice(x: torch.Tensor, sae: SparseAutoencoder) -> torch.Tensor:

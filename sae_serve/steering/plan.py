@@ -1,9 +1,11 @@
-"""Turn one forward step's requests into dense tensors for one SAE site.
+"""Turn one forward step's requests into tensors for one SAE site.
 
-An engine flattens its batch to ``(tokens, d_in)`` rows and describes which rows belong to which
-request (``RequestRows``). ``build_plan`` gathers the rows of the requests that steer or read
-this SAE, the union feature set S, and per-row affine targets ``t = mult * a + offset`` over S.
-A step in which nobody steers or reads this SAE gives ``None``: the hook then does nothing.
+An engine flattens its batch to ``(tokens, d_in)`` rows and says which rows belong to which
+request (``RequestRows``). ``build_plan`` makes one ``Segment`` per request that steers or reads
+this SAE: its rows, its own feature set S, and its affine targets ``t = mult * a + offset``.
+Each segment is computed on its own, so the arithmetic a request sees (matrix shapes, summation
+order) depends on that request alone: its result is bit-identical whatever its neighbours ask.
+A step in which nobody steers or reads this SAE gives an empty plan: the hook does nothing.
 """
 
 from __future__ import annotations
@@ -43,39 +45,65 @@ class RequestRows:
 
 
 @dataclass(frozen=True)
-class Readout:
-    """One request's feature readout within a plan."""
+class Segment:
+    """One request's work on one SAE in one forward step."""
 
     request: int
     """Index of the request in the step's request list."""
-    rows: slice
-    """Its rows within ``SaePlan.rows``."""
+    rows: torch.Tensor  # (n,) long: rows of x
     positions: torch.Tensor  # (n,) sequence positions of those rows
-    top_k: int | None
-    columns: torch.Tensor | None  # (m,) columns of SaePlan.features for a feature-list readout
+    features: torch.Tensor  # (m,) long: the features this request edits or reads
+    full_encode: bool  # encode all d_sae features (topk SAE, or a top_k readout)
+    edit_rows: torch.Tensor | None  # (e,) long: indices into ``rows`` in the steering scope
+    mult: torch.Tensor | None  # (m,) per-feature multiplier of a (1 for read-only features)
+    offset: torch.Tensor | None  # (m,) per-feature offset (0 for read-only features)
+    vector: torch.Tensor | None  # (d_in,) summed steering vectors
+    top_k: int | None  # readout: the k most active features per row
+    read_columns: torch.Tensor | None  # readout: columns of ``features`` to report
+
+    @property
+    def edits(self) -> bool:
+        return self.edit_rows is not None and self.edit_rows.numel() > 0
+
+    @property
+    def reads(self) -> bool:
+        return self.top_k is not None or self.read_columns is not None
 
 
-@dataclass(frozen=True)
-class SaePlan:
-    """Everything the hook needs for one SAE in one forward step."""
-
-    rows: torch.Tensor  # (n_rows,) long: rows of x that are encoded
-    features: torch.Tensor  # (n_feat,) long: S, the edited and read features
-    full_encode: bool  # encode all d_sae features (topk SAE or a top_k readout)
-    mult: torch.Tensor | None  # (n_rows, n_feat); None when no feature is edited
-    offset: torch.Tensor | None  # (n_rows, n_feat)
-    vector: torch.Tensor | None  # (n_rows, d_in) summed steering vectors
-    readouts: tuple[Readout, ...]
+SaePlan = tuple[Segment, ...]
 
 
-def _feature_set(sae: str, requests: Sequence[ResolvedRequest]) -> list[int]:
-    features: set[int] = set()
-    for req in requests:
-        if sae in req.edits:
-            features.update(req.edits[sae].features)
-        if req.readout and req.readout.sae == sae and req.readout.features:
-            features.update(req.readout.features)
-    return sorted(features)
+def _segment(
+    sae: str, index: int, req: ResolvedRequest, rows: RequestRows, topk_sae: bool,
+    device: torch.device | str, dtype: torch.dtype,
+) -> Segment:
+    edit = req.edits.get(sae)
+    readout = req.readout if req.readout and req.readout.sae == sae else None
+    read_list = readout.features if readout else None
+    features = list(edit.features) if edit else []
+    features += [f for f in read_list or () if f not in features]
+    column = {f: j for j, f in enumerate(features)}
+    steers = edit is not None or sae in req.vectors
+    mult = offset = None
+    if edit is not None:
+        mult = torch.ones(len(features), dtype=dtype)
+        offset = torch.zeros(len(features), dtype=dtype)
+        mult[: len(edit.features)] = torch.tensor(edit.mult, dtype=dtype)
+        offset[: len(edit.features)] = torch.tensor(edit.offset, dtype=dtype)
+    to = {"device": device}
+    return Segment(
+        request=index,
+        rows=torch.arange(rows.start, rows.end, **to),
+        positions=rows.positions(),
+        features=torch.tensor(features, dtype=torch.long, **to),
+        full_encode=topk_sae or (readout is not None and readout.top_k is not None),
+        edit_rows=torch.nonzero(rows.in_scope(req.positions)).squeeze(1).to(**to) if steers else None,
+        mult=None if mult is None else mult.to(**to),
+        offset=None if offset is None else offset.to(**to),
+        vector=req.vectors[sae].to(dtype=dtype, **to) if sae in req.vectors else None,
+        top_k=readout.top_k if readout else None,
+        read_columns=torch.tensor([column[f] for f in read_list], **to) if read_list else None,
+    )
 
 
 def build_plan(
@@ -83,51 +111,13 @@ def build_plan(
     requests: Sequence[ResolvedRequest | None],
     layout: Sequence[RequestRows],
     *,
-    d_in: int,
     topk_sae: bool = False,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> SaePlan | None:
+) -> SaePlan:
     """The plan for SAE ``sae``; ``requests[i]`` owns rows ``layout[i]`` (None: plain request)."""
-    active = [
-        (i, req, rows) for i, (req, rows) in enumerate(zip(requests, layout, strict=True))
+    return tuple(
+        _segment(sae, i, req, rows, topk_sae, device, dtype)
+        for i, (req, rows) in enumerate(zip(requests, layout, strict=True))
         if req is not None and sae in req.sae_names() and rows.end > rows.start
-    ]
-    if not active:
-        return None
-    features = _feature_set(sae, [req for _, req, _ in active])
-    column = {f: j for j, f in enumerate(features)}
-    n_rows = sum(rows.end - rows.start for _, _, rows in active)
-    edits = any(sae in req.edits for _, req, _ in active)
-    mult = torch.ones(n_rows, len(features), dtype=dtype) if edits else None
-    offset = torch.zeros(n_rows, len(features), dtype=dtype) if edits else None
-    vectors = any(sae in req.vectors for _, req, _ in active)
-    vector = torch.zeros(n_rows, d_in, dtype=dtype) if vectors else None
-    row_ids, readouts, at = [], [], 0
-    for i, req, rows in active:
-        span = slice(at, at + rows.end - rows.start)
-        row_ids.append(torch.arange(rows.start, rows.end))
-        scope = torch.nonzero(rows.in_scope(req.positions)).squeeze(1) + at
-        if sae in req.edits:
-            edit = req.edits[sae]
-            cols = torch.tensor([column[f] for f in edit.features])
-            mult[scope[:, None], cols] = torch.tensor(edit.mult, dtype=dtype)
-            offset[scope[:, None], cols] = torch.tensor(edit.offset, dtype=dtype)
-        if sae in req.vectors:
-            vector[scope] = req.vectors[sae].to(dtype=dtype, device="cpu")
-        if req.readout and req.readout.sae == sae:
-            cols = None if req.readout.features is None else torch.tensor(
-                [column[f] for f in req.readout.features]
-            )
-            readouts.append(Readout(i, span, rows.positions(), req.readout.top_k, cols))
-        at = span.stop
-    to = {"device": device}
-    return SaePlan(
-        rows=torch.cat(row_ids).to(**to),
-        features=torch.tensor(features, dtype=torch.long, device=device),
-        full_encode=topk_sae or any(r.top_k is not None for r in readouts),
-        mult=None if mult is None else mult.to(**to),
-        offset=None if offset is None else offset.to(**to),
-        vector=None if vector is None else vector.to(**to),
-        readouts=tuple(readouts),
     )
