@@ -48,7 +48,7 @@ class _Step:
 
 
 def _concat(chunks: list[FeatureActivations]) -> FeatureActivations:
-    return FeatureActivations(*(torch.cat(parts) for parts in zip(*chunks)))
+    return FeatureActivations(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
 
 
 class HFEngine:

@@ -60,7 +60,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _field(cfg: dict[str, Any], name: str, kind: type, source: Path) -> Any:
     value = cfg.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise SaeFormatError(source, f"field {name!r} must be a {kind.__name__}, got {value!r}")
     return value
 

@@ -94,7 +94,8 @@ def test_readout_only_leaves_x_bit_identical() -> None:
     reg = registry()
     x = torch.randn(5, D_IN)
     req = request(reg, readout={"top_k": 3})
-    result = apply_plan(x, reg.saes["s"].sae, plan_for(reg, [None, req], [RequestRows(0, 2, 0, 2), RequestRows(2, 5, 4, 9)]))
+    layout = [RequestRows(0, 2, 0, 2), RequestRows(2, 5, 4, 9)]
+    result = apply_plan(x, reg.saes["s"].sae, plan_for(reg, [None, req], layout))
     assert torch.equal(result.x, x)
     acts = reg.saes["s"].sae.encode(x[2:5])
     got = result.readouts[1]

