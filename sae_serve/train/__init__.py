@@ -1,0 +1,1 @@
+"""Dictionary learning, the paper's method: corpus, harvest, train, evaluate, calibrate."""

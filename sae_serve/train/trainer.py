@@ -1,0 +1,271 @@
+"""Training loop for the paper's ReLU SAE and for TopK / BatchTopK SAEs.
+
+The ReLU recipe is Scaling Monosemanticity's April-2024 update: inputs scaled so E||x||^2 = d_in,
+loss ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec_i|| with lambda warmed up over the first 5% of
+steps, Adam(0.9, 0.999), lr decayed linearly to 0 over the last 20%, gradient norm clipped to 1,
+decoder rows initialised at norm 0.1 and W_enc = W_dec^T. TopK (Gao et al. 2024) and BatchTopK
+(Bussmann et al. 2024) use plain MSE plus the AuxK loss on dead features, with unit-norm decoder
+rows; BatchTopK is exported as JumpReLU with one global threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sae_serve.sae.model import SaeConfig, SparseAutoencoder, build_sae
+
+logger = logging.getLogger(__name__)
+TrainArchitecture = Literal["relu", "topk", "batchtopk"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run."""
+
+    architecture: TrainArchitecture
+    """relu (the paper's L1 recipe), topk, or batchtopk (exported as jumprelu)."""
+    d_sae: int
+    """Number of features."""
+    total_tokens: int
+    """Training tokens; steps = total_tokens // batch_size."""
+    k: int = 32
+    """Active features per token for topk / batchtopk."""
+    l1_coefficient: float = 5.0
+    """lambda of the relu recipe, in units of the normalised input (E||x||^2 = d_in)."""
+    lr: float | None = None
+    """Adam learning rate; default 5e-5 for relu, 2e-4 / sqrt(d_sae / 2^14) for topk/batchtopk."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    warmup_fraction: float = 0.05
+    """relu: lambda rises linearly from 0 over this fraction of steps."""
+    decay_fraction: float = 0.2
+    """lr decays linearly to 0 over this final fraction of steps."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (topk/batchtopk)."""
+    dead_after_tokens: int = 1_000_000
+    """A feature that has not fired for this many tokens counts as dead (feeds AuxK)."""
+    seed: int = 0
+    """Seeds initialisation and batch order."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("relu", "topk", "batchtopk"):
+            raise ValueError(f"architecture must be relu, topk or batchtopk, got {self.architecture!r}")
+        if self.d_sae < 1 or self.total_tokens < self.batch_size:
+            raise ValueError("need d_sae >= 1 and total_tokens >= batch_size")
+        if self.architecture != "relu" and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae, got {self.k}")
+
+    @property
+    def steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 5e-5 if self.architecture == "relu" else 2e-4 / math.sqrt(self.d_sae / 2**14)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one logged step reports."""
+
+    step: int
+    loss: float
+    fvu: float
+    l0: float
+    dead_fraction: float
+
+
+class TrainingSae(nn.Module):
+    """The trainable twin of ``SparseAutoencoder``, on normalised inputs."""
+
+    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device | str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        w_dec = torch.randn(cfg.d_sae, d_in, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        if cfg.architecture == "relu":
+            w_dec *= 0.1
+        self.W_dec = nn.Parameter(w_dec.to(device))
+        self.W_enc = nn.Parameter(w_dec.T.clone().to(device))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+        self.register_buffer("threshold_sum", torch.zeros((), device=device))
+        self.register_buffer("threshold_count", torch.zeros((), device=device))
+
+    @property
+    def uses_pre_bias(self) -> bool:
+        return self.cfg.architecture != "relu"  # the paper's SAE has no pre-encoder bias
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec if self.uses_pre_bias else x) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """(batch, d_sae) activations under the training-time sparsity rule."""
+        arch, k = self.cfg.architecture, self.cfg.k
+        if arch == "relu":
+            return torch.relu(pre)
+        if arch == "topk":
+            top = pre.topk(k, dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+        flat = torch.relu(pre).flatten()
+        top = flat.topk(k * pre.shape[0])
+        acts = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(pre)
+        if self.training:  # the export threshold: running mean of the smallest kept activation
+            kept = top.values[top.values > 0]
+            if kept.numel():
+                self.threshold_sum += kept.min().detach()
+                self.threshold_count += 1
+        return acts
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+
+def _aux_loss(sae: TrainingSae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
+              dead: torch.Tensor) -> torch.Tensor:
+    """AuxK: the top dead features reconstruct what the live ones missed (Gao et al., App. B.1)."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    k_aux = min(x.shape[1] // 2, n_dead)
+    masked = torch.where(dead, pre, -torch.inf)
+    top = masked.topk(k_aux, dim=-1)
+    aux = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    residual = (x - x_hat).detach()
+    recon = aux @ sae.W_dec
+    return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-8)
+
+
+class Trainer:
+    """Trains one SAE from a stream of normalised activation batches."""
+
+    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.sae = TrainingSae(cfg, d_in, device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+        self.history: list[StepStats] = []
+
+    # --- schedules -------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        decay_start = int(self.cfg.steps * (1 - self.cfg.decay_fraction))
+        if step < decay_start:
+            return self.cfg.learning_rate
+        return self.cfg.learning_rate * max(0.0, (self.cfg.steps - step) / max(1, self.cfg.steps - decay_start))
+
+    def l1_at(self, step: int) -> float:
+        warmup = max(1, int(self.cfg.steps * self.cfg.warmup_fraction))
+        return self.cfg.l1_coefficient * min(1.0, (step + 1) / warmup)
+
+    # --- one step, as a list of named parts -----------------------------------------------------
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total loss, activations, squared error per token)."""
+        sae = self.sae
+        pre = sae.pre_activations(x)
+        acts = sae.activate(pre)
+        x_hat = sae.decode(acts)
+        sq_err = (x - x_hat).pow(2).sum(-1)
+        if self.cfg.architecture == "relu":
+            sparsity = (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
+            return sq_err.mean() + self.l1_at(self.step) * sparsity, acts, sq_err
+        dead = self.tokens_since_fired >= self.cfg.dead_after_tokens
+        aux = _aux_loss(sae, x, x_hat, pre, dead)
+        return sq_err.mean() / x.pow(2).sum(-1).mean() + self.cfg.aux_coefficient * aux, acts, sq_err
+
+    def _unit_norm_decoder(self) -> None:
+        """TopK/BatchTopK keep decoder rows at unit norm; drop the gradient along them first."""
+        w = self.sae.W_dec
+        if w.grad is not None:
+            w.grad -= (w.grad * w.data).sum(1, keepdim=True) * w.data
+        self.optimizer.step()
+        with torch.no_grad():
+            w.data /= w.data.norm(dim=1, keepdim=True).clamp(min=1e-8)
+
+    def train_step(self, x: torch.Tensor) -> StepStats:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        loss, acts, sq_err = self.loss(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        if self.cfg.architecture == "relu":
+            self.optimizer.step()
+        else:
+            self._unit_norm_decoder()
+        fired = (acts > 0).any(0)
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + x.shape[0])
+        self.step += 1
+        with torch.no_grad():
+            total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+            return StepStats(self.step, float(loss), float(sq_err.mean() / total_var),
+                             float((acts > 0).float().sum(-1).mean()),
+                             float((self.tokens_since_fired >= self.cfg.dead_after_tokens).float().mean()))
+
+    def fit(self, batches: Iterator[torch.Tensor], log_every: int = 50,
+            on_log: Callable[[StepStats], None] = lambda s: None) -> list[StepStats]:
+        """Run until ``cfg.steps``; ``batches`` yields (batch_size, d_in) normalised activations."""
+        self.sae.train()
+        while self.step < self.cfg.steps:
+            stats = self.train_step(next(batches))
+            if stats.step % log_every == 0 or stats.step == self.cfg.steps:
+                self.history.append(stats)
+                on_log(stats)
+        self.sae.eval()
+        return self.history
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": self.step, "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "tokens_since_fired": self.tokens_since_fired, "history": [asdict(h) for h in self.history],
+                    "cfg": asdict(self.cfg)}, tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.sae.W_dec.device)
+        if state["cfg"] != asdict(self.cfg):
+            raise ValueError(f"{path}: checkpoint was made with another config: {json.dumps(state['cfg'])}")
+        self.step = state["step"]
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired = state["tokens_since_fired"]
+        self.history = [StepStats(**h) for h in state["history"]]
+
+    # --- export -----------------------------------------------------------------------------------
+    def export(self, scale: float, hook_layer: int, model_name: str | None = None) -> SparseAutoencoder:
+        """An inference SAE on raw activations: the input scale is folded into the weights.
+
+        Training saw x_n = scale * x. Encoding scale * x with W_enc equals encoding x with
+        scale * W_enc (pre-bias b_dec / scale); decoding is divided by scale.
+        """
+        sae, arch = self.sae, self.cfg.architecture
+        tensors = {
+            "W_enc": sae.W_enc.detach() * scale,
+            "b_enc": sae.b_enc.detach().clone(),
+            "W_dec": sae.W_dec.detach() / scale,
+            "b_dec": sae.b_dec.detach() / scale,
+        }
+        if arch == "batchtopk":
+            theta = sae.threshold_sum / sae.threshold_count.clamp(min=1)
+            tensors["threshold"] = theta.expand(self.cfg.d_sae).clone()
+        cfg = SaeConfig(
+            architecture={"relu": "relu", "topk": "topk", "batchtopk": "jumprelu"}[arch],  # type: ignore[arg-type]
+            d_in=sae.W_dec.shape[1], d_sae=self.cfg.d_sae, hook_layer=hook_layer, model_name=model_name,
+            apply_b_dec_to_input=sae.uses_pre_bias, k=self.cfg.k if arch == "topk" else None,
+        )
+        return build_sae(cfg, {n: t.float().cpu() for n, t in tensors.items()}, "trainer export")
