@@ -12,6 +12,10 @@ from sae_serve.errors import SaeServeError
 # subcommand -> module under sae_serve.commands with add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "models": "Prepare and locate the embedded default model.",
+    "features": "Show a feature's card; find features by contrastive search.",
+    "train": "Harvest activations and train an SAE (paper ReLU, TopK, BatchTopK).",
+    "eval": "Evaluate an SAE on held-out text: FVU, L0, dead, Delta CE, loss recovered.",
+    "calibrate": "Calibrate features: max activation, density, top examples, promoted tokens.",
 }
 
 

@@ -13,6 +13,7 @@ import bz2
 import email
 import hashlib
 import html
+import io
 import json
 import logging
 import re
@@ -96,12 +97,13 @@ _FRENCH = re.compile(r"\b(le|la|les|des|une|est|pour|dans|vous|avec|sur|du)\b", 
 
 def _french_help(deb: Path) -> Iterator[str]:
     out = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=__import__("io").BytesIO(out)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
         for member in tar:
             if not (member.isfile() and member.name.endswith(".html")):
                 continue
             page = tar.extractfile(member).read().decode("utf-8", "replace")
-            paras = [html.unescape(re.sub(r"<[^>]+>", "", p)).strip() for p in re.findall(r"<p[^>]*>(.*?)</p>", page, re.S)]
+            raw = re.findall(r"<p[^>]*>(.*?)</p>", page, re.S)
+            paras = [html.unescape(re.sub(r"<[^>]+>", "", p)).strip() for p in raw]
             # Untranslated paragraphs fall back to English: keep those that read as French.
             french = [p for p in paras if len(p) > 40 and len(_FRENCH.findall(p)) >= max(2, len(p.split()) // 12)]
             if french:

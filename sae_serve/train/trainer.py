@@ -216,11 +216,13 @@ class Trainer:
                              float((acts > 0).float().sum(-1).mean()),
                              float((self.tokens_since_fired >= self.cfg.dead_after_tokens).float().mean()))
 
-    def fit(self, batches: Iterator[torch.Tensor], log_every: int = 50,
+    def fit(self, batches: Iterator[torch.Tensor], log_every: int = 50, until: int | None = None,
             on_log: Callable[[StepStats], None] = lambda s: None) -> list[StepStats]:
-        """Run until ``cfg.steps``; ``batches`` yields (batch_size, d_in) normalised activations."""
+        """Train until step ``until`` (default: the end); ``batches`` yields (batch_size, d_in)
+        normalised activations. Every ``log_every`` steps, and at the last, the stats are kept."""
+        until = self.cfg.steps if until is None else min(until, self.cfg.steps)
         self.sae.train()
-        while self.step < self.cfg.steps:
+        while self.step < until:
             stats = self.train_step(next(batches))
             if stats.step % log_every == 0 or stats.step == self.cfg.steps:
                 self.history.append(stats)

@@ -27,6 +27,8 @@ from codec import decode
 from safetensors.torch import save_file
 
 from sae_serve.train.activations import layer_activations, normalisation_scale
+from sae_serve.train.calibrate import feature_stats
+from sae_serve.train.evaluate import reconstruction_metrics
 from sae_serve.train.trainer import TrainConfig, Trainer
 
 T0 = time.time()
@@ -73,41 +75,15 @@ def batches(acts: torch.Tensor, scale: float, batch_size: int, seed: int):
             yield acts[order[s : s + batch_size]] * scale
 
 
-@torch.no_grad()
-def evaluate(sae, acts: torch.Tensor, chunk: int = 32768) -> dict:
-    """FVU (centred, raw units), L0, dead and dense fractions over ``acts``."""
-    sq, fired, l0 = 0.0, torch.zeros(sae.d_sae, device=acts.device), 0.0
-    for s in range(0, len(acts), chunk):
-        x = acts[s : s + chunk]
-        a = sae.encode(x)
-        sq += float((x - sae.decode(a)).pow(2).sum())
-        fired += (a > 0).float().sum(0)
-        l0 += float((a > 0).float().sum())
-    n = len(acts)
-    total = float((acts - acts.mean(0)).pow(2).sum())
-    density = fired / n
-    return {"fvu": sq / total, "l0": l0 / n, "dead_fraction": float((fired == 0).float().mean()),
-            "dense_fraction": float((density > 0.1).float().mean()), "tokens": n}
+def evaluate(sae, acts: torch.Tensor) -> dict:
+    return asdict(reconstruction_metrics(sae, acts))
 
 
-@torch.no_grad()
-def calibrate(sae, acts: torch.Tensor, ctx_len: int, top: int = 24, chunk: int = 32768) -> dict[str, np.ndarray]:
-    """Per feature: max activation, density, and the ``top`` strongest (row, value) examples."""
-    F = sae.d_sae
-    best_v = torch.full((top, F), -1.0, device=acts.device)
-    best_i = torch.zeros((top, F), dtype=torch.long, device=acts.device)
-    fired = torch.zeros(F, device=acts.device)
-    for s in range(0, len(acts), chunk):
-        a = sae.encode(acts[s : s + chunk])
-        fired += (a > 0).float().sum(0)
-        v, i = a.topk(min(top, len(a)), dim=0)
-        cat_v, cat_i = torch.cat([best_v, v]), torch.cat([best_i, i + s])
-        keep = cat_v.topk(top, dim=0).indices
-        best_v, best_i = cat_v.gather(0, keep), cat_i.gather(0, keep)
-    rows = best_i.cpu().numpy()
-    return {"max_activation": best_v[0].cpu().numpy(), "density": (fired / len(acts)).cpu().numpy(),
-            "top_values": best_v.cpu().numpy(), "top_context": rows // (ctx_len - 1),
-            "top_position": rows % (ctx_len - 1) + 1}
+def calibrate(sae, acts: torch.Tensor, ctx_len: int) -> dict[str, np.ndarray]:
+    """Per feature: max activation, density, and the top (context, position, value) examples."""
+    stats = feature_stats(sae, acts.split(32768))
+    return {"max_activation": stats.max_activation, "density": stats.density, "top_values": stats.top_values,
+            "top_context": stats.top_rows // (ctx_len - 1), "top_position": stats.top_rows % (ctx_len - 1) + 1}
 
 
 def train(cfg: TrainConfig, acts: torch.Tensor, scale: float, layer: int, device: str):
@@ -185,7 +161,7 @@ def main() -> None:
             cfg = TrainConfig("batchtopk", d_sae=w, k=32, total_tokens=max(4096, int(len(acts) * tokens_frac)),
                               batch_size=4096 if not smoke else 1024, seed=1)
             sae, _, seconds = train(cfg, acts, scale, layer, device)
-            result = {"d_sae": w, "tokens": cfg.steps * cfg.batch_size, "seconds": seconds, **evaluate(sae, held)}
+            result = {**evaluate(sae, held), "d_sae": w, "train_tokens": cfg.steps * cfg.batch_size, "seconds": seconds}
             report["sweep"].append(result)
             log(f"sweep {result}")
             (args.out / "report.json").write_text(json.dumps(report, indent=1))

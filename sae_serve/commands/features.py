@@ -1,0 +1,75 @@
+"""``sae-serve features show N | search --positive FILE --negative FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+from sae_serve.commands.common import add_model_argument, add_sae_argument, load_model, read_texts, sae_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    show = sub.add_parser("show", help="print one feature's card")
+    show.add_argument("feature", help="feature index or label")
+    show.add_argument("--examples", type=int, default=5, help="top examples to print")
+    add_sae_argument(show)
+    search = sub.add_parser("search", help="rank features by how much more they fire on positive texts")
+    search.add_argument("--positive", type=Path, required=True, help="texts separated by blank lines")
+    search.add_argument("--negative", type=Path, required=True, help="texts separated by blank lines")
+    search.add_argument("--top", type=int, default=10)
+    add_sae_argument(search)
+    add_model_argument(search)
+
+
+def _examples(folder: Path) -> dict:
+    path = folder / "examples.json.gz"
+    if not path.exists():
+        return {"examples": [], "promoted_tokens": []}
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def _describe(index: int, catalog, extras: dict, n_examples: int) -> str:
+    info = catalog.info(index)
+    lines = [f"feature {index}" + (f"  {info.label!r}" if info.label else "")]
+    if info.tags:
+        lines.append(f"  tags:           {', '.join(info.tags)}")
+    if info.max_activation is not None:
+        lines.append(f"  max activation: {info.max_activation:.3f}")
+    if info.density is not None:
+        lines.append(f"  density:        {info.density:.5f}")
+    if info.description:
+        lines.append(f"  description:    {info.description}")
+    if index < len(extras["promoted_tokens"]):
+        lines.append(f"  promotes:       {extras['promoted_tokens'][index]}")
+    for ex in (extras["examples"][index] if index < len(extras["examples"]) else [])[:n_examples]:
+        text = f"{ex['before']}[[{ex['token']}]]{ex['after']}".replace("\n", "\\n")
+        lines.append(f"  {ex['activation']:8.3f}  {text}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sae_serve.sae.features import FeatureCatalog
+    from sae_serve.sae.formats import load_sae
+
+    folder = sae_path(args)
+    sae = load_sae(folder)
+    catalog = FeatureCatalog.load(folder if folder.is_dir() else folder.parent, sae.d_sae)
+    extras = _examples(folder if folder.is_dir() else folder.parent)
+    if args.action == "show":
+        ref = int(args.feature) if args.feature.isdigit() else args.feature
+        print(_describe(catalog.resolve(ref, "feature"), catalog, extras, args.examples))
+        return 0
+    from sae_serve.train.calibrate import contrastive_scores
+
+    model, tokenizer = load_model(args)
+    scores = contrastive_scores(sae, model, tokenizer, read_texts(args.positive), read_texts(args.negative))
+    print(f"{'feature':>8} {'score':>8}  label")
+    for index in scores.topk(args.top).indices.tolist():
+        label = catalog.label_of(index) or ""
+        tokens = [ex["token"] for ex in extras["examples"][index][:4]] if extras["examples"] else []
+        print(f"{index:>8} {scores[index]:>8.3f}  {label}  {tokens}")
+    return 0
