@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": "Harvest activations and train an SAE (paper ReLU, TopK, BatchTopK).",
     "eval": "Evaluate an SAE on held-out text: FVU, L0, dead, Delta CE, loss recovered.",
     "calibrate": "Calibrate features: max activation, density, top examples, promoted tokens.",
+    "sweep": "Train a (features x tokens) grid and fit scaling laws.",
 }
 
 

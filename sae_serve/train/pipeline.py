@@ -55,6 +55,8 @@ class TrainJob:
 def corpus_texts(corpus: str = "default", corpus_file: Path | None = None, split: str = "train") -> Iterator[str]:
     """Documents of a packaged corpus tier's split, or of a text file (split by blank lines)."""
     if corpus_file is not None:
+        if not corpus_file.is_file():
+            raise SaeServeError(f"{corpus_file}: no such corpus file")
         docs = [d for d in corpus_file.read_text().split("\n\n") if d.strip()]
         if not docs:
             raise SaeServeError(f"{corpus_file}: the corpus is empty")
