@@ -59,17 +59,39 @@ def _readout(seg: Segment, acts: torch.Tensor, full: torch.Tensor | None) -> Fea
     return FeatureActivations(seg.positions, indices.cpu(), values.float().cpu())
 
 
+def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
+                 ) -> tuple[torch.Tensor | None, FeatureActivations | None]:
+    """(delta for ``seg.edit_rows`` or None, readout or None) for one request's rows."""
+    acts, full = _encode(x_rows, sae, seg)
+    delta = _delta(acts, sae, seg) if seg.edits else None
+    return delta, (_readout(seg, acts, full) if seg.reads else None)
+
+
 def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> HookResult:
     """Edit and read ``x`` (tokens, d_in) as ``plan`` says; an empty plan does no work."""
     readouts = {}
     for seg in plan:
-        x_rows = x.index_select(0, seg.rows)
-        acts, full = _encode(x_rows, sae, seg)
-        if seg.edits:
-            x = x.index_add(0, seg.rows[seg.edit_rows], _delta(acts, sae, seg).to(x.dtype))
-        if seg.reads:
-            readouts[seg.request] = _readout(seg, acts, full)
+        delta, readout = _run_segment(x.index_select(0, seg.rows), sae, seg)
+        if delta is not None:
+            x = x.index_add(0, seg.rows[seg.edit_rows], delta.to(x.dtype))
+        if readout is not None:
+            readouts[seg.request] = readout
     return HookResult(x, readouts)
+
+
+def apply_plan_split_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoencoder,
+                      plan: SaePlan) -> dict[int, FeatureActivations]:
+    """The same for a stream kept in two parts, x = hidden + residual (vLLM defers the residual
+    add into the next layer's fused add-norm). Edits ``hidden`` in place; returns the readouts."""
+    readouts = {}
+    for seg in plan:
+        x_rows = hidden.index_select(0, seg.rows) + residual.index_select(0, seg.rows)
+        delta, readout = _run_segment(x_rows, sae, seg)
+        if delta is not None:
+            hidden.index_add_(0, seg.rows[seg.edit_rows], delta.to(hidden.dtype))
+        if readout is not None:
+            readouts[seg.request] = readout
+    return readouts
 
 
 def splice(x: torch.Tensor, sae: SparseAutoencoder) -> torch.Tensor:

@@ -172,3 +172,21 @@ def test_each_request_only_touches_its_own_rows(raw: list, seed: int) -> None:
             assert torch.equal(together.readouts[i].values, alone.readouts[i].values)
     padding = [r.end for r in layout]
     assert torch.equal(together.x[padding], x[padding])
+
+
+def test_split_stream_edit_equals_the_joined_one() -> None:
+    """vLLM keeps x = hidden + residual in two tensors; editing hidden in place is the same edit."""
+    from sae_serve.steering.hook import apply_plan_split_
+
+    reg = registry()
+    sae = reg.saes["s"].sae
+    hidden, residual = torch.randn(7, D_IN), torch.randn(7, D_IN)
+    req = request(reg, [{"feature": 3, "mode": "clamp", "value": 4.0}], [{"name": "v", "coefficient": 2}],
+                  readout={"top_k": 2})
+    plan = plan_for(reg, [None, req], [RequestRows(0, 2, 0, 2), RequestRows(2, 6, 1, 3)])
+    joined = apply_plan(hidden + residual, sae, plan)
+    edited = hidden.clone()
+    readouts = apply_plan_split_(edited, residual, sae, plan)
+    torch.testing.assert_close(edited + residual, joined.x)
+    assert torch.equal(edited[[0, 1, 6]], hidden[[0, 1, 6]])
+    torch.testing.assert_close(readouts[1].values, joined.readouts[1].values)

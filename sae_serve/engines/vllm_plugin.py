@@ -1,0 +1,229 @@
+"""The vLLM general plugin: SAEs beside the model, steering and readout per request, every step.
+
+``register()`` runs in every vLLM process. It patches the V1 model runner (the one CPU uses) so
+that, after the model loads, the SAEs of the config in SAE_SERVE_CONFIG are loaded in the model's
+dtype and device and checked against it, and each SAE's decoder layer is wrapped so that its
+output passes through the custom op ``sae_serve::steer_``. The op is opaque to torch.compile, so
+the compiled model runs it every step (a Python hook would be traced once and silently lost).
+
+Before each forward, the runner's batch (request ids, query_start_loc, tokens already computed)
+is turned into ``RequestRows``; each request's spec, read once from
+``SamplingParams.extra_args["sae_serve"]``, becomes a ``ResolvedRequest``. When no request in the
+step steers or reads, the op returns at once and touches nothing.
+
+Limitations, stated: the op runs Python every step, so it cannot live inside CUDA graphs, and
+the V2 model runner that GPUs default to is not patched (run GPUs with VLLM_USE_V2_MODEL_RUNNER=0
+or wait for the V2 path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from sae_serve.config import config_from_env
+from sae_serve.errors import SaeServeError, SpecError
+from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
+from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
+from sae_serve.steering.plan import RequestRows, build_plan
+from sae_serve.steering.spec import RequestSpec, ResolvedRequest, resolve
+
+logger = logging.getLogger(__name__)
+SPEC_KEY = "sae_serve"
+"""extra_args field holding the request's spec (a JSON string or a dict)."""
+REQUEST_KEY = "sae_serve_key"
+"""extra_args field holding the caller's key for fetching the request's activations."""
+MAX_PENDING_READOUTS = 4096
+
+# The compiled graph can carry only tensors and ints to the op, so the op finds its runtime
+# through this process-local table, filled when a model is loaded.
+_SITES: dict[int, tuple[SteeringRuntime, LoadedSae]] = {}
+
+
+@dataclass
+class _Step:
+    requests: list[ResolvedRequest | None]
+    layout: list[RequestRows]
+    keys: list[str | None]
+
+
+@dataclass
+class SteeringRuntime:
+    """Per-worker state: the SAEs, each live request's resolved spec, readouts not yet fetched."""
+
+    registry: SaeRegistry
+    resolved: dict[str, tuple[str | None, ResolvedRequest | None]] = field(default_factory=dict)
+    readouts: OrderedDict[str, dict[str, list[FeatureActivations]]] = field(default_factory=OrderedDict)
+    errors: dict[str, str] = field(default_factory=dict)
+    step: _Step | None = None
+
+    def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, ResolvedRequest | None]:
+        if req_id not in self.resolved:
+            args = extra_args or {}
+            key, raw = args.get(REQUEST_KEY), args.get(SPEC_KEY)
+            request = None
+            if raw is not None:
+                try:
+                    spec = RequestSpec.model_validate(json.loads(raw) if isinstance(raw, str) else raw)
+                    request = resolve(spec, self.registry)
+                except (ValidationError, SpecError, ValueError) as exc:
+                    # Clients validate before submitting; reaching here is a bug, never a crash.
+                    logger.error("request %s: invalid sae_serve spec, not steered: %s", req_id, exc)
+                    self.errors[str(key or req_id)] = str(exc)
+            self.resolved[req_id] = (key, None if request is None or request.is_empty else request)
+        return self.resolved[req_id]
+
+    def begin_step(self, runner: Any) -> None:
+        """Map the runner's batch to rows; leave ``step`` None when nobody steers or reads."""
+        batch = runner.input_batch
+        n = batch.num_reqs
+        req_ids = list(batch.req_ids[:n])
+        for gone in set(self.resolved) - set(runner.requests):
+            del self.resolved[gone]
+        resolved = [self._resolve(rid, runner.requests[rid].sampling_params.extra_args
+                                  if runner.requests[rid].sampling_params else None) for rid in req_ids]
+        if not any(req for _, req in resolved):
+            self.step = None
+            return
+        qsl = runner.query_start_loc.cpu[: n + 1].tolist()
+        layout = [RequestRows(qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
+                              runner.requests[rid].num_prompt_tokens) for i, rid in enumerate(req_ids)]
+        self.step = _Step([req for _, req in resolved], layout, [key for key, _ in resolved])
+
+    def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        step = self.step
+        if step is None:
+            return
+        plan = build_plan(loaded.name, step.requests, step.layout, topk_sae=loaded.sae.cfg.architecture == "topk",
+                          device=hidden.device, dtype=loaded.sae.dtype)
+        if not plan:
+            return
+        for index, acts in apply_plan_split_(hidden, residual, loaded.sae, plan).items():
+            key = step.keys[index]
+            if key is not None:
+                self.readouts.setdefault(key, {}).setdefault(loaded.name, []).append(acts)
+                self.readouts.move_to_end(key)
+        while len(self.readouts) > MAX_PENDING_READOUTS:  # never fetched: drop the oldest
+            self.readouts.popitem(last=False)
+
+    def pop_readouts(self, keys: list[str]) -> dict[str, Any]:
+        """Readouts of ``keys`` as plain lists (they cross process boundaries), and errors."""
+        out: dict[str, Any] = {}
+        for key in keys:
+            by_sae = self.readouts.pop(key, {})
+            out[key] = {"error": self.errors.pop(key, None), "features": {
+                sae: {"positions": torch.cat([c.positions for c in chunks]).tolist(),
+                      "indices": torch.cat([c.indices for c in chunks]).tolist(),
+                      "values": torch.cat([c.values for c in chunks]).tolist()}
+                for sae, chunks in by_sae.items()}}
+        return out
+
+
+# --- the custom op -------------------------------------------------------------------------------
+@torch.library.custom_op("sae_serve::steer_", mutates_args=("hidden",))
+def steer_(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
+    """Edit ``hidden`` in place for the current step (the stream is hidden + residual)."""
+    runtime, loaded = _SITES[site]
+    runtime.apply(loaded, hidden, residual)
+
+
+@steer_.register_fake
+def _(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
+    return None
+
+
+class SteeredDecoderLayer(nn.Module):
+    """A vLLM decoder layer followed by the steering op on its output (resid_post)."""
+
+    def __init__(self, layer: nn.Module, site: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.site = site
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, residual = self.layer(positions, hidden_states, residual, **kwargs)
+        torch.ops.sae_serve.steer_(hidden_states, residual, self.site)
+        return hidden_states, residual
+
+
+def _site_layer(loaded: LoadedSae) -> int:
+    """The decoder layer whose output is the SAE's site (resid_pre of L is resid_post of L-1)."""
+    sae = loaded.sae
+    if sae.hook_point == "resid_post":
+        return sae.hook_layer
+    if sae.hook_layer == 0:
+        raise SaeServeError(f"SAE {loaded.name!r}: resid_pre of layer 0 (the embeddings) is not supported")
+    return sae.hook_layer - 1
+
+
+def attach(runner: Any) -> SteeringRuntime | None:
+    """Load the configured SAEs beside ``runner.model`` and wrap their layers."""
+    config = config_from_env()
+    if config is None or not config.saes:
+        return None
+    hf = runner.model_config.hf_config
+    registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
+    registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
+    runtime = SteeringRuntime(registry)
+    layers = runner.model.model.layers
+    for loaded in registry.saes.values():
+        index = _site_layer(loaded)
+        site = id(loaded)
+        _SITES[site] = (runtime, loaded)
+        layers[index] = SteeredDecoderLayer(layers[index], site)
+        logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
+    return runtime
+
+
+def _patch_runner() -> None:
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_sae_serve_patched", False):
+        return
+
+    def wrap_load(original):  # type: ignore[no-untyped-def]
+        def load_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            original(self, *args, **kwargs)
+            self._sae_serve = attach(self)
+        return load_model
+
+    original_forward = GPUModelRunner._model_forward
+
+    def _model_forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        runtime = getattr(self, "_sae_serve", None)
+        if runtime is None:
+            return original_forward(self, *args, **kwargs)
+        runtime.begin_step(self)
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            runtime.step = None
+
+    for cls in (GPUModelRunner, CPUModelRunner):
+        if "load_model" in cls.__dict__:
+            cls.load_model = wrap_load(cls.__dict__["load_model"])
+    GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner._sae_serve_patched = True
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point; safe to call again in any process."""
+    try:
+        _patch_runner()
+    except ImportError as exc:  # a vLLM without the V1 runner: say so, do not half-load
+        raise SaeServeError(f"sae_serve needs vLLM's V1 model runner: {exc}") from exc
+
+
+def pop_readouts(worker: Any, keys: list[str]) -> dict[str, Any]:
+    """For ``LLM.collective_rpc``: a worker's readouts for ``keys`` (removed from the worker)."""
+    runtime = getattr(worker.model_runner, "_sae_serve", None)
+    return runtime.pop_readouts(keys) if runtime else {k: {"error": None, "features": {}} for k in keys}
