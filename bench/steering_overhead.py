@@ -1,0 +1,103 @@
+"""Steering overhead: vLLM with the sae_serve plugin against plain vLLM, same process, same prompts.
+
+    python bench/steering_overhead.py [--rounds 3] [--eager]
+
+Cases (all requests submitted together, greedy, 64 new tokens each):
+  idle       plugin loaded with the default SAE, nobody steers
+  clamp8     every request clamps the same 8 features
+  distinct64 64 requests, each with its own configuration (features and strengths)
+  watch32    every request reads 32 features on every token
+Each round runs plain vLLM and every case back to back; the ratio of output tokens/s to plain
+is taken per round and the median reported. Appends JSON to bench/results/steering_overhead.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+WORDS = ("the river city garden music winter science history market friend ocean mountain story "
+         "letter engine village language window morning dinner forest").split()
+
+
+def prompts(n: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12 + i % 10)) for i in range(n)]
+
+
+def cases(n: int) -> dict[str, list[dict | None]]:
+    clamp = [{"sae": "layer15", "feature": f, "mode": "clamp", "multiple_of_max": 0.5}
+             for f in (4563, 978, 914, 2857, 4263, 3261, 100, 2000)]
+    distinct = [{"steering": {"interventions": [
+        {"sae": "layer15", "feature": (i * 37) % 4608, "mode": "add", "value": 0.5 + i / 64},
+        {"sae": "layer15", "feature": (i * 91 + 5) % 4608, "mode": "scale", "value": 0.5}]}} for i in range(n)]
+    return {
+        "idle": [None] * n,
+        "clamp8": [{"steering": {"interventions": clamp}}] * n,
+        "distinct64": distinct,
+        "watch32": [{"return_features": {"sae": "layer15", "features": list(range(0, 4608, 144))}}] * n,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--eager", action="store_true")
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    from sae_serve.config import SaeServeConfig
+    from sae_serve.data import DEFAULT_SAE_DIR
+    from sae_serve.engines.vllm_offline import SteeredLLM
+    from sae_serve.models import prepare_model
+    from sae_serve.sae.registry import SaeEntry
+
+    model = prepare_model()
+    kwargs = {"enforce_eager": args.eager, "dtype": "float32", "max_model_len": 512, "seed": 0}
+    plain = LLM(model=str(model), **kwargs)  # created before SAE_SERVE_CONFIG is set: no SAEs
+    steered = SteeredLLM(model, SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),)),
+                         **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    texts = prompts(args.requests)
+    workload = cases(args.requests)
+
+    def rate(run) -> float:
+        start = time.perf_counter()
+        run()
+        return args.requests * args.max_tokens / (time.perf_counter() - start)
+
+    plain.generate(texts, params, use_tqdm=False)  # warm-up both
+    steered.generate(texts, workload["clamp8"], params)
+    ratios: dict[str, list[float]] = {name: [] for name in workload}
+    plain_rates = []
+    for _ in range(args.rounds):
+        for name, specs in workload.items():
+            base = rate(lambda: plain.generate(texts, params, use_tqdm=False))
+            plain_rates.append(base)
+            ratios[name].append(rate(lambda specs=specs: steered.generate(texts, specs, params)) / base)
+    result = {
+        "bench": "steering_overhead", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "mode": "eager" if args.eager else "compiled",
+        "requests": args.requests, "max_tokens": args.max_tokens,
+        "plain_tokens_per_s": round(statistics.median(plain_rates), 1),
+        "ratio_to_plain": {name: round(statistics.median(r), 3) for name, r in ratios.items()},
+        "ratios_per_round": {name: [round(x, 3) for x in r] for name, r in ratios.items()},
+    }
+    print(json.dumps(result, indent=1))
+    with (Path(__file__).parent / "results" / "steering_overhead.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
