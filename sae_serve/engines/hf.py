@@ -18,7 +18,7 @@ from torch import nn
 
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, registry_of
 from sae_serve.steering.hook import FeatureActivations, apply_plan, splice
-from sae_serve.steering.plan import RequestRows, build_plan
+from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
 from sae_serve.steering.spec import ResolvedRequest
 
 Prompt = str | Sequence[int]
@@ -41,7 +41,7 @@ class Generation:
 class _Step:
     """What the hooks need during one forward call."""
 
-    requests: Sequence[ResolvedRequest | None]
+    plans: Sequence[dict[str, RequestPlan]]  # per sequence: its prepared work by SAE name
     layout: Sequence[RequestRows]
     splice: frozenset[str]
     readouts: dict[int, list[FeatureActivations]] = field(default_factory=dict)
@@ -85,10 +85,7 @@ class HFEngine:
         flat = hidden.reshape(-1, hidden.shape[-1])
         if loaded.name in step.splice:
             return splice(flat, loaded.sae).view_as(hidden)
-        plan = build_plan(
-            loaded.name, step.requests, step.layout,
-            topk_sae=loaded.sae.cfg.architecture == "topk", device=hidden.device, dtype=loaded.sae.dtype,
-        )
+        plan = build_plan([p.get(loaded.name) for p in step.plans], step.layout)
         result = apply_plan(flat, loaded.sae, plan)
         for request, acts in result.readouts.items():
             step.readouts.setdefault(request, []).append(acts)
@@ -116,6 +113,10 @@ class HFEngine:
             yield step
         finally:
             self._step = None
+
+    def _prepare(self, requests: Sequence[ResolvedRequest | None]) -> list[dict[str, RequestPlan]]:
+        saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
+        return [prepare_all(req, saes) for req in requests]
 
     # --- batching -------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -152,7 +153,7 @@ class HFEngine:
         width = ids.shape[1]
         layout = [RequestRows(b * width + width - len(p), (b + 1) * width, 0, len(p))
                   for b, p in enumerate(token_lists)]
-        step = _Step(requests or [None] * len(prompts), layout, frozenset(splice_saes))
+        step = _Step(self._prepare(requests or [None] * len(prompts)), layout, frozenset(splice_saes))
         logits, _ = self._forward(step, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None)
         return [logits[b, width - len(p):].float() for b, p in enumerate(token_lists)]
 
@@ -173,8 +174,9 @@ class HFEngine:
         ids, mask = self._left_pad(token_lists)
         batch, width = ids.shape
         lens = [len(p) for p in token_lists]
-        step = _Step(requests, [RequestRows(b * width + width - n, (b + 1) * width, 0, n)
-                                for b, n in enumerate(lens)], frozenset())
+        plans = self._prepare(requests)
+        step = _Step(plans, [RequestRows(b * width + width - n, (b + 1) * width, 0, n)
+                             for b, n in enumerate(lens)], frozenset())
         logits, cache = self._forward(step, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None)
         out: list[list[int]] = [[] for _ in range(batch)]
         done = [False] * batch
@@ -192,7 +194,7 @@ class HFEngine:
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
             positions = torch.tensor([[n + j] for n in lens])
             layout = [RequestRows(b, b if done[b] else b + 1, lens[b] + j, lens[b]) for b in range(batch)]
-            logits, cache = self._forward(_Step(requests, layout, frozenset(), step.readouts),
+            logits, cache = self._forward(_Step(plans, layout, frozenset(), step.readouts),
                                           new, mask, positions, cache)
         return [self._result(b, token_lists[b], out[b], step.readouts.get(b), eos) for b in range(batch)]
 

@@ -8,7 +8,7 @@ the compiled model runs it every step (a Python hook would be traced once and si
 
 Before each forward, the runner's batch (request ids, query_start_loc, tokens already computed)
 is turned into ``RequestRows``; each request's spec, read once from
-``SamplingParams.extra_args["sae_serve"]``, becomes a ``ResolvedRequest``. When no request in the
+``SamplingParams.extra_args["sae_serve"]``, is resolved and prepared once. When no request in the
 step steers or reads, the op returns at once and touches nothing.
 
 Limitations, stated: the op runs Python every step, so it cannot live inside CUDA graphs, and
@@ -32,8 +32,8 @@ from sae_serve.config import config_from_env
 from sae_serve.errors import SaeServeError, SpecError
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
 from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
-from sae_serve.steering.plan import RequestRows, build_plan
-from sae_serve.steering.spec import RequestSpec, ResolvedRequest, resolve
+from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
+from sae_serve.steering.spec import RequestSpec, resolve
 
 logger = logging.getLogger(__name__)
 SPEC_KEY = "sae_serve"
@@ -49,7 +49,7 @@ _SITES: dict[int, tuple[SteeringRuntime, LoadedSae]] = {}
 
 @dataclass
 class _Step:
-    requests: list[ResolvedRequest | None]
+    plans: list[dict[str, RequestPlan]]  # per request: its prepared work by SAE name
     layout: list[RequestRows]
     keys: list[str | None]
 
@@ -59,12 +59,12 @@ class SteeringRuntime:
     """Per-worker state: the SAEs, each live request's resolved spec, readouts not yet fetched."""
 
     registry: SaeRegistry
-    resolved: dict[str, tuple[str | None, ResolvedRequest | None]] = field(default_factory=dict)
+    resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
     readouts: OrderedDict[str, dict[str, list[FeatureActivations]]] = field(default_factory=OrderedDict)
     errors: dict[str, str] = field(default_factory=dict)
     step: _Step | None = None
 
-    def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, ResolvedRequest | None]:
+    def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
         if req_id not in self.resolved:
             args = extra_args or {}
             key, raw = args.get(REQUEST_KEY), args.get(SPEC_KEY)
@@ -77,7 +77,8 @@ class SteeringRuntime:
                     # Clients validate before submitting; reaching here is a bug, never a crash.
                     logger.error("request %s: invalid sae_serve spec, not steered: %s", req_id, exc)
                     self.errors[str(key or req_id)] = str(exc)
-            self.resolved[req_id] = (key, None if request is None or request.is_empty else request)
+            saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
+            self.resolved[req_id] = (key, prepare_all(request, saes))
         return self.resolved[req_id]
 
     def begin_step(self, runner: Any) -> None:
@@ -89,20 +90,19 @@ class SteeringRuntime:
             del self.resolved[gone]
         resolved = [self._resolve(rid, runner.requests[rid].sampling_params.extra_args
                                   if runner.requests[rid].sampling_params else None) for rid in req_ids]
-        if not any(req for _, req in resolved):
+        if not any(plans for _, plans in resolved):
             self.step = None
             return
         qsl = runner.query_start_loc.cpu[: n + 1].tolist()
         layout = [RequestRows(qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
                               runner.requests[rid].num_prompt_tokens) for i, rid in enumerate(req_ids)]
-        self.step = _Step([req for _, req in resolved], layout, [key for key, _ in resolved])
+        self.step = _Step([plans for _, plans in resolved], layout, [key for key, _ in resolved])
 
     def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         step = self.step
         if step is None:
             return
-        plan = build_plan(loaded.name, step.requests, step.layout, topk_sae=loaded.sae.cfg.architecture == "topk",
-                          device=hidden.device, dtype=loaded.sae.dtype)
+        plan = build_plan([p.get(loaded.name) for p in step.plans], step.layout)
         if not plan:
             return
         for index, acts in apply_plan_split_(hidden, residual, loaded.sae, plan).items():

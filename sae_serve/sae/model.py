@@ -11,7 +11,7 @@ exported this way) or TopK. For ReLU and JumpReLU feature i depends only on enco
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -62,6 +62,15 @@ class SaeConfig:
     def hook_name(self) -> str:
         """The TransformerLens-style name SAELens uses, e.g. ``blocks.15.hook_resid_post``."""
         return f"blocks.{self.hook_layer}.hook_{self.hook_point}"
+
+
+class FeatureSubset(NamedTuple):
+    """The encoder slices of a few features, gathered once so each use is two small matmuls."""
+
+    features: torch.Tensor  # (m,) long
+    w_enc: torch.Tensor  # (d_in, m)
+    b_enc: torch.Tensor  # (m,)
+    threshold: torch.Tensor | None  # (m,) jumprelu only
 
 
 def _expected_shapes(cfg: SaeConfig) -> dict[str, tuple[int, ...]]:
@@ -120,10 +129,16 @@ class SparseAutoencoder(nn.Module):
         """(..., d_in) -> (..., d_sae) feature activations."""
         return self._activate(self.pre_activations(x))
 
-    def encode_subset(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def subset(self, features: torch.Tensor) -> FeatureSubset:
+        """Gather what ``encode_subset`` needs for ``features`` (exact for relu and jumprelu)."""
+        threshold = getattr(self, "threshold", None)
+        return FeatureSubset(features, self.W_enc[:, features].contiguous(), self.b_enc[features],
+                             None if threshold is None else threshold[features])
+
+    def encode_subset(self, x: torch.Tensor, features: torch.Tensor | FeatureSubset) -> torch.Tensor:
         """(..., d_in) -> (..., len(features)): equals ``encode(x)[..., features]``."""
-        pre = self._encoder_input(x) @ self.W_enc[:, features] + self.b_enc[features]
-        return self._activate_subset(pre, features)
+        sub = features if isinstance(features, FeatureSubset) else self.subset(features)
+        return self._activate_subset(self._encoder_input(x) @ sub.w_enc + sub.b_enc, sub)
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         """(..., d_sae) -> (..., d_in)."""
@@ -141,7 +156,7 @@ class SparseAutoencoder(nn.Module):
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _activate_subset(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _activate_subset(self, pre: torch.Tensor, sub: FeatureSubset) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -153,7 +168,7 @@ class ReluSAE(SparseAutoencoder):
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
-    def _activate_subset(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def _activate_subset(self, pre: torch.Tensor, sub: FeatureSubset) -> torch.Tensor:
         return torch.relu(pre)
 
 
@@ -165,8 +180,8 @@ class JumpReluSAE(SparseAutoencoder):
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
 
-    def _activate_subset(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return pre * (pre > self.threshold[features])
+    def _activate_subset(self, pre: torch.Tensor, sub: FeatureSubset) -> torch.Tensor:
+        return pre * (pre > sub.threshold)
 
 
 class TopKSAE(SparseAutoencoder):
@@ -178,10 +193,8 @@ class TopKSAE(SparseAutoencoder):
         top = torch.topk(pre, k=self.cfg.k or 0, dim=-1)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
 
-    def _activate_subset(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        raise SaeServeError(
-            "encode_subset: a topk SAE's activations depend on all features; use encode()"
-        )
+    def subset(self, features: torch.Tensor) -> FeatureSubset:
+        raise SaeServeError("encode_subset: a topk SAE's activations depend on all features; use encode()")
 
 
 SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {

@@ -31,52 +31,44 @@ class HookResult(NamedTuple):
     readouts: dict[int, FeatureActivations]  # by request index in the step
 
 
-def _encode(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(n, m) activations of the segment's features, and (n, d_sae) all of them when needed."""
-    if seg.full_encode:
-        full = sae.encode(x_rows)
-        return full[:, seg.features], full
-    return sae.encode_subset(x_rows, seg.features), None
-
-
-def _delta(acts: torch.Tensor, sae: SparseAutoencoder, seg: Segment) -> torch.Tensor:
-    """(e, d_in) change of the rows in the steering scope."""
-    delta = torch.zeros((seg.edit_rows.numel(), sae.d_in), dtype=sae.dtype, device=acts.device)
-    if seg.mult is not None:
-        scoped = acts.index_select(0, seg.edit_rows)
-        delta = ((seg.mult - 1) * scoped + seg.offset) @ sae.W_dec[seg.features]
-    if seg.vector is not None:
-        delta = delta + seg.vector
-    return delta
-
-
-def _readout(seg: Segment, acts: torch.Tensor, full: torch.Tensor | None) -> FeatureActivations:
-    if seg.top_k is not None and full is not None:
-        values, indices = torch.topk(full, k=min(seg.top_k, full.shape[1]), dim=1)
-    else:
-        values = acts[:, seg.read_columns]
-        indices = seg.features[seg.read_columns].expand(values.shape[0], -1)
-    return FeatureActivations(seg.positions, indices.cpu(), values.float().cpu())
-
-
 def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
-                 ) -> tuple[torch.Tensor | None, FeatureActivations | None]:
-    """(delta for ``seg.edit_rows`` or None, readout or None) for one request's rows."""
-    acts, full = _encode(x_rows, sae, seg)
-    delta = _delta(acts, sae, seg) if seg.edits else None
-    return delta, (_readout(seg, acts, full) if seg.reads else None)
+                 ) -> tuple[torch.Tensor | None, int, FeatureActivations | None]:
+    """(delta for the rows from the returned local offset on, or None; that offset; readout)."""
+    plan = seg.plan
+    full = sae.encode(x_rows) if plan.subset is None else None
+    acts = sae.encode_subset(x_rows, plan.subset) if full is None else full[:, plan.features]
+    delta, first = None, 0
+    if plan.steers:
+        first, last = seg.rows.scope(plan.positions)
+        if last > first:
+            delta = torch.zeros((last - first, sae.d_in), dtype=sae.dtype, device=x_rows.device)
+            if plan.mult is not None:
+                delta = ((plan.mult - 1) * acts[first:last] + plan.offset) @ plan.w_dec
+            if plan.vector is not None:
+                delta = delta + plan.vector
+    readout = None
+    if plan.reads:
+        if plan.top_k is not None and full is not None:
+            values, indices = torch.topk(full, k=min(plan.top_k, full.shape[1]), dim=1)
+        else:
+            values = acts[:, plan.read_columns]
+            indices = plan.features[plan.read_columns].expand(values.shape[0], -1)
+        readout = FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
+    return delta, first, readout
 
 
 def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> HookResult:
     """Edit and read ``x`` (tokens, d_in) as ``plan`` says; an empty plan does no work."""
-    readouts = {}
+    readouts, out = {}, x
     for seg in plan:
-        delta, readout = _run_segment(x.index_select(0, seg.rows), sae, seg)
+        delta, first, readout = _run_segment(x[seg.rows.start : seg.rows.end], sae, seg)
         if delta is not None:
-            x = x.index_add(0, seg.rows[seg.edit_rows], delta.to(x.dtype))
+            out = x.clone() if out is x else out
+            start = seg.rows.start + first
+            out[start : start + len(delta)] += delta.to(x.dtype)
         if readout is not None:
             readouts[seg.request] = readout
-    return HookResult(x, readouts)
+    return HookResult(out, readouts)
 
 
 def apply_plan_split_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoencoder,
@@ -85,10 +77,10 @@ def apply_plan_split_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseA
     add into the next layer's fused add-norm). Edits ``hidden`` in place; returns the readouts."""
     readouts = {}
     for seg in plan:
-        x_rows = hidden.index_select(0, seg.rows) + residual.index_select(0, seg.rows)
-        delta, readout = _run_segment(x_rows, sae, seg)
+        start, end = seg.rows.start, seg.rows.end
+        delta, first, readout = _run_segment(hidden[start:end] + residual[start:end], sae, seg)
         if delta is not None:
-            hidden.index_add_(0, seg.rows[seg.edit_rows], delta.to(hidden.dtype))
+            hidden[start + first : start + first + len(delta)] += delta.to(hidden.dtype)
         if readout is not None:
             readouts[seg.request] = readout
     return readouts

@@ -14,13 +14,13 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from sae_serve.config import SaeServeConfig, write_config  # noqa: E402
-from sae_serve.data import DEFAULT_SAE_DIR  # noqa: E402
-from sae_serve.engines.hf import HFEngine  # noqa: E402
-from sae_serve.errors import SpecError  # noqa: E402
-from sae_serve.sae.registry import SaeEntry, VectorEntry, build_registry, save_vector  # noqa: E402
-from sae_serve.steering.spec import RequestSpec, resolve  # noqa: E402
-from tests.conftest import make_sae  # noqa: E402
+from sae_serve.config import SaeServeConfig, write_config
+from sae_serve.data import DEFAULT_SAE_DIR
+from sae_serve.engines.hf import HFEngine
+from sae_serve.errors import SpecError
+from sae_serve.sae.registry import SaeEntry, VectorEntry, build_registry, save_vector
+from sae_serve.steering.spec import RequestSpec, resolve
+from tests.conftest import make_sae
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPTS = ["My favourite food is", "The weather today is", "Once upon a time, in a small village,",

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from sae_serve.sae.registry import registry_of
 from sae_serve.steering.hook import apply_plan
-from sae_serve.steering.plan import RequestRows, build_plan
+from sae_serve.steering.plan import RequestRows, build_plan, prepare
 from sae_serve.steering.spec import RequestSpec, ResolvedRequest, resolve
 from tests.conftest import make_sae
 
@@ -30,7 +30,9 @@ def reference(x: torch.Tensor, reg, req: ResolvedRequest, rows: RequestRows) -> 
     sae = reg.saes["s"].sae
     t = {n: b.double() for n, b in sae.tensors().items()}
     x = x.double().clone()
-    scope = torch.arange(rows.start, rows.end)[rows.in_scope(req.positions)]
+    pos = rows.positions()
+    keep = {"all": pos >= 0, "prompt": pos < rows.prompt_len, "generated": pos >= rows.prompt_len}[req.positions]
+    scope = torch.arange(rows.start, rows.end)[keep]
     xs = x[scope]
     pre = (xs - t["b_dec"] if sae.cfg.apply_b_dec_to_input else xs) @ t["W_enc"] + t["b_enc"]
     a = sae.encode(xs.float()).double() if sae.cfg.architecture == "topk" else pre.clamp(min=0)
@@ -44,8 +46,7 @@ def reference(x: torch.Tensor, reg, req: ResolvedRequest, rows: RequestRows) -> 
 
 
 def plan_for(reg, reqs, layout):
-    sae = reg.saes["s"].sae
-    return build_plan("s", reqs, layout, topk_sae=sae.cfg.architecture == "topk")
+    return build_plan([prepare("s", r, reg.saes["s"].sae) for r in reqs], layout)
 
 
 @pytest.mark.parametrize("arch", ["relu", "topk"])
@@ -122,7 +123,7 @@ def test_subset_path_never_encodes_all_features() -> None:
     req = request(reg, [{"feature": 3, "mode": "add", "value": 1.0}], readout={"features": [7]})
     plan = plan_for(reg, [req], [RequestRows(0, 4, 0, 4)])
     [seg] = plan
-    assert not seg.full_encode and seg.features.tolist() == [3, 7]
+    assert seg.plan.subset is not None and seg.plan.features.tolist() == [3, 7]
     calls = []
     original = sae.encode
     sae.encode = lambda x: calls.append(x) or original(x)
@@ -190,3 +191,13 @@ def test_split_stream_edit_equals_the_joined_one() -> None:
     torch.testing.assert_close(edited + residual, joined.x)
     assert torch.equal(edited[[0, 1, 6]], hidden[[0, 1, 6]])
     torch.testing.assert_close(readouts[1].values, joined.readouts[1].values)
+
+
+def test_scope_is_a_contiguous_row_range() -> None:
+    # A chunk of 6 rows at positions 8..13 of a request with a 10-token prompt.
+    rows = RequestRows(start=20, end=26, first_position=8, prompt_len=10)
+    assert rows.scope("all") == (0, 6)
+    assert rows.scope("prompt") == (0, 2)
+    assert rows.scope("generated") == (2, 6)
+    decode = RequestRows(start=3, end=4, first_position=15, prompt_len=10)
+    assert (decode.scope("prompt"), decode.scope("generated")) == ((0, 0), (0, 1))
