@@ -20,5 +20,8 @@ install:
 test:
 	$(PY) -m pytest
 
+serve:
+	$(VENV)/bin/sae-serve serve
+
 lint:
 	$(PY) -m ruff check sae_serve tests

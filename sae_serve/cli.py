@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "eval": "Evaluate an SAE on held-out text: FVU, L0, dead, Delta CE, loss recovered.",
     "calibrate": "Calibrate features: max activation, density, top examples, promoted tokens.",
     "sweep": "Train a (features x tokens) grid and fit scaling laws.",
+    "serve": "Serve a model with SAE steering over the OpenAI-compatible API.",
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sae_serve.config import SaeServeConfig, load_config, write_config
-from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, pop_readouts
+from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, WORKER_METHOD
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.registry import build_registry
 from sae_serve.steering.hook import FeatureActivations
@@ -92,7 +92,7 @@ class SteeredLLM:
             params.append(p)
         outputs = self.llm.generate(items, params, use_tqdm=False)
         readouts: dict[str, Any] = {}
-        for worker in self.llm.collective_rpc(pop_readouts, args=(keys,)):
+        for worker in self.llm.collective_rpc(WORKER_METHOD, args=(keys,)):
             readouts.update({k: v for k, v in worker.items() if v["features"] or v["error"]})
         results = []
         for out, spec, key in zip(outputs, parsed, keys, strict=True):

@@ -41,6 +41,8 @@ SPEC_KEY = "sae_serve"
 REQUEST_KEY = "sae_serve_key"
 """extra_args field holding the caller's key for fetching the request's activations."""
 MAX_PENDING_READOUTS = 4096
+WORKER_METHOD = "sae_serve_pop_readouts"
+"""The worker method ``collective_rpc`` calls by name to fetch readouts (works across processes)."""
 
 # The compiled graph can carry only tensors and ints to the op, so the op finds its runtime
 # through this process-local table, filled when a model is loaded.
@@ -186,6 +188,7 @@ def attach(runner: Any) -> SteeringRuntime | None:
 def _patch_runner() -> None:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
 
     if getattr(GPUModelRunner, "_sae_serve_patched", False):
         return
@@ -208,6 +211,7 @@ def _patch_runner() -> None:
         finally:
             runtime.step = None
 
+    WorkerBase.sae_serve_pop_readouts = pop_readouts
     for cls in (GPUModelRunner, CPUModelRunner):
         if "load_model" in cls.__dict__:
             cls.load_model = wrap_load(cls.__dict__["load_model"])
@@ -224,6 +228,7 @@ def register() -> None:
 
 
 def pop_readouts(worker: Any, keys: list[str]) -> dict[str, Any]:
-    """For ``LLM.collective_rpc``: a worker's readouts for ``keys`` (removed from the worker)."""
+    """A worker's readouts for ``keys`` (removed from the worker); installed on vLLM's workers as
+    ``WORKER_METHOD`` so that ``collective_rpc(WORKER_METHOD, args=(keys,))`` reaches it."""
     runtime = getattr(worker.model_runner, "_sae_serve", None)
     return runtime.pop_readouts(keys) if runtime else {k: {"error": None, "features": {}} for k in keys}

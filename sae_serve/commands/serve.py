@@ -1,0 +1,55 @@
+"""``sae-serve serve``: vLLM's OpenAI-compatible server with the sae_serve plugins, one command.
+
+With no arguments it serves the embedded default model with the shipped SAE on 127.0.0.1:8000 on
+the CPU. Anything after ``--`` goes to vLLM's server unchanged (e.g. ``-- --api-key K``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model folder or name (default: embedded SmolLM2-135M)")
+    parser.add_argument("--config", type=Path, default=None, help="sae_serve config (default: the shipped SAE)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: vLLM server options")
+
+
+def default_config() -> Path:
+    from sae_serve import envs
+    from sae_serve.config import SaeServeConfig, write_config
+    from sae_serve.data import DEFAULT_SAE_DIR, DEFAULT_SAE_NAME
+    from sae_serve.sae.registry import SaeEntry
+
+    path = envs.cache_dir() / "default-config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_config(SaeServeConfig(saes=(SaeEntry(name=DEFAULT_SAE_NAME, path=str(DEFAULT_SAE_DIR)),)), path)
+
+
+def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    from sae_serve.config import load_config
+    from sae_serve.models import prepare_model
+
+    config = args.config or default_config()
+    load_config(config)  # a bad config fails here, with its path, not deep inside a worker
+    model = args.model or str(prepare_model())
+    extra = [a for a in args.vllm_args if a != "--"]
+    if args.model is None and "--dtype" not in extra:
+        extra += ["--dtype", "float32"]  # the embedded model's weights are float32 (dequantized GGUF)
+    env = {**os.environ, "SAE_SERVE_CONFIG": str(Path(config).resolve()), "VLLM_PLUGINS": "sae_serve"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--host", args.host, "--port", str(args.port), *extra]
+    return cmd, env
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd, env = server_command(args)
+    print(f"sae-serve: HTTP (OpenAI API, /v1/saes, /metrics) on http://{args.host}:{args.port}", flush=True)
+    os.execvpe(cmd[0], cmd, env)  # vLLM's server handles SIGTERM (graceful shutdown) itself
+    return 0

@@ -1,0 +1,99 @@
+"""The vLLM endpoint plugin: steering on the OpenAI-compatible API (vLLM's own server).
+
+/v1/completions and /v1/chat/completions accept a top-level ``steering`` object and
+``return_features`` (the openai client sends them with ``extra_body``); the route validates them,
+hands vLLM the spec through ``vllm_xargs`` and a ``cache_salt``, calls vLLM's own handler, and
+adds an ``sae`` object to the response: the steering applied (clamp values resolved) and, when
+asked, per-token feature activations. GET /v1/saes and /v1/features/{sae}/{feature} describe
+what is loaded. Streaming responses are steered; their activations are not returned yet.
+"""
+
+
+import json
+from argparse import Namespace
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from sae_serve.config import config_from_env
+from sae_serve.errors import SpecError
+from sae_serve.server.service import SteeringService
+from sae_serve.steering.spec import FeatureReadoutSpec, RequestSpec, SteeringSpec
+
+STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
+READOUT_DOC = "sae_serve: return per-token feature activations of one SAE."
+
+
+def _error(status: int, message: str, param: str | None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": "BadRequestError", "param": param, "code": status}})
+
+
+def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """A route taking ``base``'s body plus our two fields, then calling vLLM's handler."""
+
+    class Steered(base):  # type: ignore[misc, valid-type]
+        steering: SteeringSpec | None = Field(default=None, description=STEERING_DOC)
+        return_features: FeatureReadoutSpec | None = Field(default=None, description=READOUT_DOC)
+
+    Steered.__name__ = f"Steered{base.__name__}"
+
+    async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
+        service: SteeringService = raw_request.app.state.sae_serve
+        try:
+            prepared = service.prepare(RequestSpec(steering=request.steering, return_features=request.return_features))
+        except SpecError as exc:
+            return _error(400, str(exc), exc.field)
+        if prepared is None:
+            return await vllm_handler(request, raw_request)
+        if prepared.readout_sae is not None and request.stream:
+            return _error(400, "return_features with stream=true is not supported yet", "return_features")
+        request.vllm_xargs = {**(request.vllm_xargs or {}), **prepared.extra_args}
+        if prepared.cache_salt is not None:
+            request.cache_salt = prepared.cache_salt
+        response = await vllm_handler(request, raw_request)
+        if not isinstance(response, JSONResponse) or response.status_code != 200:
+            return response
+        body = json.loads(response.body)
+        features = await service.activations(raw_request.app.state.engine_client, prepared)
+        body["sae"] = service.response_object(prepared, features)
+        return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
+                                                   if k.lower() not in ("content-length", "content-type")})
+
+    return route
+
+
+class SaeServeEndpoints:
+    """The ``vllm.endpoint_plugins`` object (enable it with VLLM_PLUGINS=sae_serve)."""
+
+    name = "sae_serve"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.api_router import create_completion
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        app.post("/v1/completions")(_steered_route(CompletionRequest, create_completion))
+        app.post("/v1/chat/completions")(_steered_route(ChatCompletionRequest, create_chat_completion))
+
+        @app.get("/v1/saes")
+        async def list_saes(raw_request: Request) -> dict[str, Any]:
+            return {"object": "list", "data": raw_request.app.state.sae_serve.saes()}
+
+        @app.get("/v1/features/{sae}/{feature}")
+        async def get_feature(sae: str, feature: str, raw_request: Request) -> Response:
+            try:
+                return JSONResponse(raw_request.app.state.sae_serve.feature(sae, feature))
+            except SpecError as exc:
+                return _error(404, str(exc), exc.field)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        config = config_from_env()
+        if config is None:
+            raise RuntimeError("sae_serve endpoint plugin: set SAE_SERVE_CONFIG (sae-serve serve does)")
+        state.sae_serve = SteeringService(config)

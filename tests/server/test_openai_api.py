@@ -1,0 +1,169 @@
+"""`sae-serve serve` end to end: vLLM's real OpenAI server with the sae_serve plugins, on 127.0.0.1,
+driven by the official openai client; compared with the reference engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from sae_serve.data import DEFAULT_SAE_DIR
+from sae_serve.engines.hf import HFEngine
+from sae_serve.sae.features import FeatureCatalog
+from sae_serve.sae.formats import load_sae
+from sae_serve.sae.registry import registry_of
+from sae_serve.steering.spec import RequestSpec, resolve
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
+FRENCH = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+                                          "multiple_of_max": 1.0}]}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory):
+    """One server for the module; polls /health like vLLM's RemoteOpenAIServer; SIGTERM at the end."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port), "--",
+                             "--enforce-eager", "--max-model-len", "1024"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(2)
+    else:
+        proc.kill()
+        pytest.fail("server did not become healthy")
+    yield base, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    base, _ = server
+    c = OpenAI(base_url=base + "/v1", api_key="unused")
+    return c, c.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model) -> HFEngine:
+    model, tokenizer = hf_model
+    sae = load_sae(DEFAULT_SAE_DIR)
+    return HFEngine(model, tokenizer, registry_of({"layer15": sae},
+                                                  {"layer15": FeatureCatalog.load(DEFAULT_SAE_DIR, sae.d_sae)}))
+
+
+def test_steered_and_plain_completions_match_the_reference(client, reference) -> None:
+    c, model = client
+    plain = c.completions.create(model=model, prompt="My favourite food is", max_tokens=12, temperature=0)
+    steered = c.completions.create(model=model, prompt="My favourite food is", max_tokens=12, temperature=0,
+                                   extra_body=FRENCH)
+    req = resolve(RequestSpec.model_validate(FRENCH), reference.registry)
+    want_plain, want_steered = reference.generate(["My favourite food is"] * 2, [None, req], max_new_tokens=12)
+    assert plain.choices[0].text == want_plain.text
+    assert steered.choices[0].text == want_steered.text != plain.choices[0].text
+    applied = steered.model_extra["sae"]["applied"]
+    assert applied == [{"sae": "layer15", "feature": 4563, "label": "french", "mode": "clamp",
+                        "value": pytest.approx(7.6258, abs=1e-3)}]
+    assert "sae" not in (plain.model_extra or {})
+
+
+def test_activations_in_the_response_match_the_reference(client, reference) -> None:
+    c, model = client
+    body = {"return_features": {"sae": "layer15", "features": ["french", "military", 100]}}
+    out = c.completions.create(model=model, prompt="Le chat dort sur le canapé", max_tokens=4, temperature=0,
+                               extra_body=body)
+    tokens = out.model_extra["sae"]["features"]["tokens"]
+    req = resolve(RequestSpec.model_validate(body), reference.registry)
+    [want] = reference.generate(["Le chat dort sur le canapé"], [req], max_new_tokens=4)
+    assert [t["position"] for t in tokens] == want.features.positions.tolist()
+    got = torch.tensor([[f["activation"] for f in t["features"]] for t in tokens])
+    torch.testing.assert_close(got, want.features.values, atol=2e-2, rtol=2e-2)
+    assert tokens[1]["features"][0]["label"] == "french"
+
+
+def test_chat_and_streaming_are_steered(client) -> None:
+    c, model = client
+    question = [{"role": "user", "content": "What is your favourite food?"}]
+    chat = c.chat.completions.create(model=model, messages=question, max_tokens=12, temperature=0, extra_body=FRENCH)
+    assert "la" in chat.choices[0].message.content.lower()
+    whole = c.completions.create(model=model, prompt="The weather today is", max_tokens=10, temperature=0,
+                                 extra_body=FRENCH).choices[0].text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=model, prompt="The weather today is", max_tokens=10, temperature=0, stream=True, extra_body=FRENCH))
+    assert streamed == whole
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"steering": {"interventions": [{"sae": "layer15", "feature": "nope", "mode": "add", "value": 1}]}},
+     "steering.interventions[0].feature"),
+    ({"steering": {"interventions": [{"sae": "layer9", "feature": 1, "mode": "add", "value": 1}]}},
+     "steering.interventions[0].sae"),
+    ({"steering": {"interventions": [{"sae": "layer15", "feature": 1, "mode": "add", "value": "NaN"}]}},
+     "steering.interventions.0.value"),
+    ({"steering": {"interventions": [{"sae": "layer15", "feature": 1, "mode": "add", "value": 1,
+                                      "path": "/etc/passwd"}]}}, "steering.interventions.0.path"),
+    ({"return_features": {"sae": "layer15", "top_k": 500}}, "return_features.top_k"),
+])
+def test_bad_steering_is_a_400_naming_the_field(client, body: dict, param: str) -> None:
+    from openai import BadRequestError
+
+    c, model = client
+    with pytest.raises(BadRequestError) as info:
+        c.completions.create(model=model, prompt="hi", max_tokens=2, extra_body=body)
+    assert param in str(info.value)
+    ok = c.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
+    assert ok.choices[0].text.startswith(" Paris")  # the server keeps serving
+
+
+def test_saes_and_feature_cards(server) -> None:
+    base, _ = server
+    status, saes = _get(base + "/v1/saes")
+    [sae] = saes["data"]
+    assert status == 200 and (sae["name"], sae["d_sae"], sae["hook_layer"]) == ("layer15", 4608, 15)
+    assert {w["label"] for w in sae["watchlist"]} >= {"wrongdoing", "military"}
+    status, card = _get(base + "/v1/features/layer15/french")
+    assert status == 200 and card["feature"] == 4563 and card["max_activation"] > 0
+    status, err = _get(base + "/v1/features/layer15/nope")
+    assert status == 404 and err["error"]["param"] == "feature"
+    status, schema = _get(base + "/openapi.json")
+    assert "steering" in json.dumps(schema["components"]["schemas"])
+
+
+def test_sigterm_drains_and_exits_zero(server) -> None:
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
