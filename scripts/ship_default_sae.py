@@ -33,6 +33,8 @@ from sae_serve.train.calibrate import (
     context_chunks,
     examples,
     promoted_tokens,
+    quantile_examples,
+    quantile_samples,
     write_examples,
 )
 from sae_serve.train.evaluate import model_card, reconstruction_metrics, splice_metrics
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=envs.cache_dir() / "device_run")
     parser.add_argument("--out", type=Path, default=DEFAULT_SAE_DIR)
     parser.add_argument("--eval-contexts", type=int, default=64)
+    parser.add_argument("--quantile-contexts", type=int, default=512, help="contexts sampled for quantile examples")
     args = parser.parse_args()
     run, out = args.run, args.out
     cfg = SaeConfig(**json.loads((run / "default_cfg.json").read_text()))
@@ -98,7 +101,10 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     contexts = np.load(envs.cache_dir() / "device_contexts.npz")
     all_contexts = np.concatenate([contexts["train"], contexts["heldout"]])
-    write_examples(out, examples(stats, all_contexts, tokenizer), promoted_tokens(sae, model.lm_head.weight, tokenizer))
+    sample = contexts["train"][: args.quantile_contexts]
+    values, rows = quantile_samples(sae, context_chunks(model, sample, cfg.hook_layer), stats.max_activation)
+    write_examples(out, examples(stats, all_contexts, tokenizer), promoted_tokens(sae, model.lm_head.weight, tokenizer),
+                   quantile_examples(values, rows, sample, tokenizer))
 
     heldout = contexts["heldout"][: args.eval_contexts]
     np.save(out / "heldout_sample.npy", heldout.astype(np.uint16))

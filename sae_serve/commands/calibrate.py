@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         examples,
         feature_stats,
         promoted_tokens,
+        quantile_examples,
+        quantile_samples,
         write_examples,
     )
 
@@ -40,5 +42,8 @@ def run(args: argparse.Namespace) -> int:
     catalog = calibrated_catalog(FeatureCatalog.load(folder, sae.d_sae), stats)
     print(catalog.save(folder))
     promoted = promoted_tokens(sae, model.lm_head.weight, tokenizer)
-    print(write_examples(folder, examples(stats, contexts, tokenizer), promoted))
+    # A second pass: the activation intervals are fractions of the max the first pass found.
+    values, rows = quantile_samples(sae, context_chunks(model, contexts, sae.hook_layer), stats.max_activation)
+    print(write_examples(folder, examples(stats, contexts, tokenizer), promoted,
+                         quantile_examples(values, rows, contexts, tokenizer)))
     return 0

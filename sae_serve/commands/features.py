@@ -46,9 +46,16 @@ def _describe(index: int, catalog, extras: dict, n_examples: int) -> str:
     if index < len(extras["promoted_tokens"]):
         lines.append(f"  promotes:       {extras['promoted_tokens'][index]}")
     for ex in (extras["examples"][index] if index < len(extras["examples"]) else [])[:n_examples]:
-        text = f"{ex['before']}[[{ex['token']}]]{ex['after']}".replace("\n", "\\n")
-        lines.append(f"  {ex['activation']:8.3f}  {text}")
+        lines.append(f"  {ex['activation']:8.3f}  {_text(ex)}")
+    quantiles = extras.get("quantile_examples", [])
+    if index < len(quantiles) and quantiles[index]:
+        lines.append("  by activation interval:")
+        lines.extend(f"  {ex['interval']:>18}  {ex['activation']:8.3f}  {_text(ex)}" for ex in quantiles[index])
     return "\n".join(lines)
+
+
+def _text(ex: dict) -> str:
+    return f"{ex['before']}[[{ex['token']}]]{ex['after']}".replace("\n", "\\n")
 
 
 def run(args: argparse.Namespace) -> int:

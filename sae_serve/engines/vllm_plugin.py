@@ -1,10 +1,11 @@
 """The vLLM general plugin: SAEs beside the model, steering and readout per request, every step.
 
 ``register()`` runs in every vLLM process. It patches the V1 model runner (the one CPU uses) so
-that, after the model loads, the SAEs of the config in SAE_SERVE_CONFIG are loaded in the model's
-dtype and device and checked against it, and each SAE's decoder layer is wrapped so that its
-output passes through the custom op ``sae_serve::steer_``. The op is opaque to torch.compile, so
-the compiled model runs it every step (a Python hook would be traced once and silently lost).
+that, after the model loads, the configured SAEs (vLLM's ``additional_config["sae_serve"]``, or
+the file named by SAE_SERVE_CONFIG) are loaded in the model's dtype and device, checked against
+it, and each SAE's decoder layer is wrapped so that its output passes through the custom op
+``sae_serve::steer_``. The op is opaque to torch.compile, so the compiled model runs it every
+step (a Python hook would be traced once and silently lost).
 
 Before each forward, the runner's batch (request ids, query_start_loc, tokens already computed)
 is turned into ``RequestRows``; each request's spec, read once from
@@ -28,7 +29,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from sae_serve.config import config_from_env
+from sae_serve.config import SaeServeConfig, config_from_env
 from sae_serve.errors import SaeServeError, SpecError
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
 from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
@@ -166,9 +167,21 @@ def _site_layer(loaded: LoadedSae) -> int:
     return sae.hook_layer - 1
 
 
+def runner_config(runner: Any) -> SaeServeConfig | None:
+    """vLLM's ``additional_config["sae_serve"]`` if given, else the file in SAE_SERVE_CONFIG."""
+    extra = getattr(runner.vllm_config, "additional_config", None) or {}
+    if "sae_serve" not in extra:
+        return config_from_env()
+    try:
+        return SaeServeConfig.model_validate(extra["sae_serve"])
+    except ValidationError as exc:
+        raise SaeServeError(f"additional_config.sae_serve: {exc.errors()[0]['msg']} "
+                            f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+
+
 def attach(runner: Any) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers."""
-    config = config_from_env()
+    config = runner_config(runner)
     if config is None or not config.saes:
         return None
     hf = runner.model_config.hf_config
@@ -185,8 +198,18 @@ def attach(runner: Any) -> SteeringRuntime | None:
     return runtime
 
 
+def _runner_classes() -> list[type]:
+    """The V1 runner, and its CPU subclass where this vLLM build has one (it overrides load_model)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:
+        return [GPUModelRunner]
+    return [GPUModelRunner, CPUModelRunner]
+
+
 def _patch_runner() -> None:
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
@@ -212,7 +235,7 @@ def _patch_runner() -> None:
             runtime.step = None
 
     WorkerBase.sae_serve_pop_readouts = pop_readouts
-    for cls in (GPUModelRunner, CPUModelRunner):
+    for cls in _runner_classes():
         if "load_model" in cls.__dict__:
             cls.load_model = wrap_load(cls.__dict__["load_model"])
     GPUModelRunner._model_forward = _model_forward

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from sae_serve.errors import SaeServeError
 
@@ -109,6 +110,13 @@ def harvest(model: nn.Module, contexts: np.ndarray, layer: int, folder: Path,
     """Write activations of ``layer`` for ``contexts`` (position 0 skipped) to ``folder``; resumable."""
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(contexts) + shard_contexts - 1) // shard_contexts
+    done = [s for s in range(n_shards) if (folder / f"shard-{s:05d}.npy").exists()]
+    if done:
+        logger.info("harvest: resuming, %d of %d shards already in %s", len(done), n_shards, folder)
+    per_context = contexts.shape[1] - 1
+    bar = tqdm(total=(len(contexts) - sum(len(contexts[s * shard_contexts : (s + 1) * shard_contexts])
+                                          for s in done)) * per_context, desc="harvest", unit="tok",
+               unit_scale=True, disable=None)
     for s in range(n_shards):
         path = folder / f"shard-{s:05d}.npy"
         if path.exists():
@@ -125,7 +133,8 @@ def harvest(model: nn.Module, contexts: np.ndarray, layer: int, folder: Path,
         tmp = folder / f".shard-{s:05d}.tmp.npy"
         np.save(tmp, acts.numpy().astype(np.float16))
         tmp.rename(path)
-        logger.info("harvest: shard %d/%d", s + 1, n_shards)
+        bar.update(len(acts))
+    bar.close()
     store = ActivationStore(folder)
     if not (folder / "meta.json").exists():
         sample = torch.from_numpy(np.load(store.shards()[0]).astype(np.float32))

@@ -66,25 +66,59 @@ def context_chunks(model: nn.Module, contexts: np.ndarray, layer: int, batch: in
         yield acts.reshape(-1, acts.shape[-1])
 
 
+def _example(contexts: np.ndarray, tokenizer: object, row: int, value: float, window: int) -> dict:
+    """The token at flattened ``row`` (position 0 of each context skipped) with its context."""
+    ctx, pos = divmod(int(row), contexts.shape[1] - 1)
+    ids = contexts[ctx]
+    pos += 1
+    return {"activation": round(float(value), 3), "before": tokenizer.decode(ids[max(0, pos - window) : pos]),
+            "token": tokenizer.decode(ids[pos : pos + 1]),
+            "after": tokenizer.decode(ids[pos + 1 : pos + 1 + window // 3])}
+
+
 def examples(stats: FeatureStats, contexts: np.ndarray, tokenizer: object, per_feature: int = 8,
              window: int = 12) -> list[list[dict]]:
     """Per feature, its strongest contexts: text before the token, the token, text after."""
-    per_ctx = contexts.shape[1] - 1  # position 0 was skipped
-    out = []
-    for f in range(stats.top_values.shape[1]):
-        items = []
-        for value, row in zip(stats.top_values[:per_feature, f], stats.top_rows[:per_feature, f], strict=True):
-            if value <= 0:
-                break
-            ctx, pos = divmod(int(row), per_ctx)
-            pos += 1
-            ids = contexts[ctx]
-            items.append({"activation": round(float(value), 3),
-                          "before": tokenizer.decode(ids[max(0, pos - window) : pos]),
-                          "token": tokenizer.decode(ids[pos : pos + 1]),
-                          "after": tokenizer.decode(ids[pos + 1 : pos + 1 + window // 3])})
-        out.append(items)
-    return out
+    return [[_example(contexts, tokenizer, row, value, window)
+             for value, row in zip(stats.top_values[:per_feature, f], stats.top_rows[:per_feature, f], strict=True)
+             if value > 0]
+            for f in range(stats.top_values.shape[1])]
+
+
+@torch.no_grad()
+def quantile_samples(sae: SparseAutoencoder, chunks: Iterable[torch.Tensor], max_activation: np.ndarray,
+                     bins: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(bins, F) values and rows: per feature, one uniformly drawn example whose activation lies in
+    [b, b + 1) / bins x its max activation (row -1 where the interval is empty). Each candidate
+    gets a random priority and the highest survives across chunks: a uniform draw in one pass."""
+    gen = torch.Generator().manual_seed(seed)
+    peak = torch.from_numpy(np.asarray(max_activation, dtype=np.float32)).clamp(min=1e-12)
+    best_key = torch.full((bins, sae.d_sae), -1.0)
+    best_row = torch.full((bins, sae.d_sae), -1, dtype=torch.long)
+    best_val = torch.zeros((bins, sae.d_sae))
+    columns, seen = torch.arange(sae.d_sae), 0
+    for x in chunks:
+        a = sae.encode(x).float().cpu()
+        interval = (a / peak * bins).floor().clamp(max=bins - 1)
+        keys = torch.rand(a.shape, generator=gen)
+        for b in range(bins):
+            value, row = torch.where((a > 0) & (interval == b), keys, -1.0).max(0)
+            better = value > best_key[b]
+            best_key[b] = torch.where(better, value, best_key[b])
+            best_row[b] = torch.where(better, row + seen, best_row[b])
+            best_val[b] = torch.where(better, a[row, columns], best_val[b])
+        seen += len(a)
+    return best_val.numpy(), best_row.numpy()
+
+
+def quantile_examples(values: np.ndarray, rows: np.ndarray, contexts: np.ndarray, tokenizer: object,
+                      window: int = 12) -> list[list[dict]]:
+    """Per feature, one example per activation interval, weakest first (from ``quantile_samples``)."""
+    bins = len(values)
+    return [[{"interval": f"[{b / bins:.1f}, {(b + 1) / bins:.1f}) x max",
+              **_example(contexts, tokenizer, rows[b, f], values[b, f], window)}
+             for b in range(bins) if rows[b, f] >= 0]
+            for f in range(values.shape[1])]
 
 
 @torch.no_grad()
@@ -131,8 +165,9 @@ def calibrated_catalog(catalog: FeatureCatalog, stats: FeatureStats) -> FeatureC
     return FeatureCatalog(d_sae=catalog.d_sae, features=features, watchlist=catalog.watchlist)
 
 
-def write_examples(folder: Path, feature_examples: list[list[dict]], promoted: list[list[str]]) -> Path:
+def write_examples(folder: Path, feature_examples: list[list[dict]], promoted: list[list[str]],
+                   by_quantile: list[list[dict]]) -> Path:
     path = folder / "examples.json.gz"
     with gzip.open(path, "wt") as f:
-        json.dump({"examples": feature_examples, "promoted_tokens": promoted}, f)
+        json.dump({"examples": feature_examples, "promoted_tokens": promoted, "quantile_examples": by_quantile}, f)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -162,3 +163,21 @@ def test_an_sae_that_does_not_fit_refuses_to_load(tmp_path: Path, default_model_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     assert "SAE 'small': d_in=64 but the model's hidden size is 576" in out.stderr
+
+
+def test_plain_vllm_with_additional_config(config, default_model_dir, monkeypatch) -> None:
+    """vLLM users need no wrapper: the SAEs can come from vLLM's own additional_config."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.delenv("SAE_SERVE_CONFIG", raising=False)
+    llm = LLM(model=str(default_model_dir), enforce_eager=True, dtype="float32", max_model_len=256,
+              additional_config={"sae_serve": json.loads(config.model_dump_json())})
+    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+                                            "multiple_of_max": 1.0}]}}
+    params = SamplingParams(temperature=0, max_tokens=6, extra_args={"sae_serve": json.dumps(spec)})
+    [out] = llm.generate(["My favourite food is"], params, use_tqdm=False)
+    assert out.outputs[0].text.startswith(" la la la")
+    del llm
+    gc.collect()

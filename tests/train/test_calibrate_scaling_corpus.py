@@ -72,3 +72,22 @@ def test_documents_dedup_and_split(tmp_path: Path) -> None:
     held = list(read_corpus(path, "heldout"))
     assert 0 < len(held) < 20 and all(is_held_out(t) for _, t in held)
     assert len(list(read_corpus(path, "train"))) == 300 - len(held)
+
+
+def test_quantile_samples_fall_in_their_intervals() -> None:
+    from sae_serve.train.calibrate import quantile_samples
+
+    sae = make_sae("relu", 16, 32, seed=2)
+    x = torch.randn(2000, 16) * 2
+    acts = sae.encode(x)
+    peak = acts.max(0).values.numpy()
+    values, rows = quantile_samples(sae, x.split(300), peak, bins=4)
+    for b in range(4):
+        for f in range(32):
+            if rows[b, f] < 0:  # no activation in this interval at all
+                in_bin = (acts[:, f] > 0) & ((acts[:, f] / peak[f] * 4).floor().clamp(max=3) == b)
+                assert not in_bin.any()
+                continue
+            assert values[b, f] == acts[rows[b, f], f].item()
+            assert b / 4 <= values[b, f] / peak[f] <= (b + 1) / 4 + 1e-6
+    assert (rows[3] >= 0).all() or (acts.max(0).values > 0).sum() < 32

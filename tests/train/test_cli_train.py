@@ -30,3 +30,14 @@ def test_train_then_resume(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "missing.txt: no such corpus file" in bad.stderr
     out_of_range = subprocess.run([*args[:9], "7", *args[10:]], capture_output=True, text=True, env=env)
     assert out_of_range.returncode == 2 and "layer 7 is out of range" in out_of_range.stderr
+
+
+def test_eval_refuses_an_sae_of_another_width(tmp_path: Path, default_model_dir: Path) -> None:
+    from sae_serve.sae.formats import save_sae
+    from tests.conftest import make_sae
+
+    save_sae(make_sae("relu", 64, 128, hook_layer=3), tmp_path / "narrow")
+    (tmp_path / "c.txt").write_text("Some text to evaluate on. " * 200)
+    out = subprocess.run([sys.executable, "-m", "sae_serve.cli", "eval", str(tmp_path / "narrow"), "--contexts", "1",
+                          "--corpus-file", str(tmp_path / "c.txt")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "d_in=64 but the model's hidden size is 576" in out.stderr
