@@ -16,10 +16,14 @@ from pydantic import ValidationError
 from sae_serve import envs
 from sae_serve.errors import SaeFormatError
 from sae_serve.sae.registry import RegistryConfig
+from sae_serve.steering.policy import Policy
 
 
 class SaeServeConfig(RegistryConfig):
-    """The whole config file. (Policy and server sections join it as they are built.)"""
+    """The whole config file: ``saes``, ``vectors`` and the serving ``policy``."""
+
+    policy: Policy = Policy()
+    """What requests may do on the API server (offline use through SteeredLLM is trusted)."""
 
 
 def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:

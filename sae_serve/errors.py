@@ -38,4 +38,9 @@ class SpecError(SaeServeError):
 
 
 class PolicyError(SpecError):
-    """A request is well formed but the server's policy forbids it."""
+    """A request is well formed but the server's policy refuses it: ``forbidden`` when it asks
+    for something not permitted (HTTP 403), otherwise a limit it exceeds (HTTP 400)."""
+
+    def __init__(self, field: str, problem: str, forbidden: bool = False) -> None:
+        super().__init__(field, problem)
+        self.forbidden = forbidden

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from sae_serve.config import config_from_env
-from sae_serve.errors import SpecError
+from sae_serve.errors import PolicyError, SpecError
 from sae_serve.server.service import SteeringService
 from sae_serve.steering.spec import FeatureReadoutSpec, RequestSpec, SteeringSpec
 
@@ -46,7 +46,7 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         try:
             prepared = service.prepare(RequestSpec(steering=request.steering, return_features=request.return_features))
         except SpecError as exc:
-            return _error(400, str(exc), exc.field)
+            return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
         if prepared.readout_sae is not None and request.stream:

@@ -31,10 +31,13 @@ class SteeringService:
     def __init__(self, config: SaeServeConfig) -> None:
         # The API process keeps SAEs on the CPU for validation and feature cards only.
         self.registry: SaeRegistry = build_registry(config)
+        self.policy = config.policy
 
     def prepare(self, spec: RequestSpec) -> PreparedRequest | None:
-        """None for a request that neither steers nor reads; raises SpecError naming the field."""
+        """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
+        policy refuses it) naming the field."""
         resolved = resolve(spec, self.registry)
+        self.policy.check(spec, resolved, self.registry)
         if resolved.is_empty:
             return None
         key = uuid.uuid4().hex

@@ -15,11 +15,13 @@ import urllib.request
 import pytest
 import torch
 
+from sae_serve.config import SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.sae.features import FeatureCatalog
 from sae_serve.sae.formats import load_sae
-from sae_serve.sae.registry import registry_of
+from sae_serve.sae.registry import SaeEntry, registry_of
+from sae_serve.steering.policy import FeatureSelector, Policy
 from sae_serve.steering.spec import RequestSpec, resolve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
@@ -45,9 +47,15 @@ def _get(url: str) -> tuple[int, dict]:
 def server(default_model_dir, tmp_path_factory):
     """One server for the module; polls /health like vLLM's RemoteOpenAIServer; SIGTERM at the end."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    folder = tmp_path_factory.mktemp("server")
+    log_path = folder / "server.log"
     log = log_path.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port), "--",
+    policy = Policy(steerable={"layer15": FeatureSelector(tags=("language", "topic", "entity", "code"))},
+                    max_abs_multiple_of_max=4)
+    config = write_config(SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),), policy=policy),
+                          folder / "config.json")
+    proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port),
+                             "--config", str(config), "--",
                              "--enforce-eager", "--max-model-len", "1024"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -147,6 +155,20 @@ def test_bad_steering_is_a_400_naming_the_field(client, body: dict, param: str) 
     assert param in str(info.value)
     ok = c.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
     assert ok.choices[0].text.startswith(" Paris")  # the server keeps serving
+
+
+def test_policy_refusals_name_the_field(client) -> None:
+    from openai import BadRequestError, PermissionDeniedError
+
+    c, model = client
+    with pytest.raises(PermissionDeniedError) as info:  # tagged safety only: not steerable here
+        c.completions.create(model=model, prompt="hi", max_tokens=2, extra_body={"steering": {"interventions": [
+            {"sae": "layer15", "feature": "wrongdoing", "mode": "clamp", "multiple_of_max": 1}]}})
+    assert "steering.interventions[0].feature" in str(info.value) and "may not be steered" in str(info.value)
+    with pytest.raises(BadRequestError) as info:
+        c.completions.create(model=model, prompt="hi", max_tokens=2, extra_body={"steering": {"interventions": [
+            {"sae": "layer15", "feature": "french", "mode": "clamp", "multiple_of_max": 10}]}})
+    assert "steering.interventions[0].multiple_of_max" in str(info.value) and "limit of 4" in str(info.value)
 
 
 def test_saes_and_feature_cards(server) -> None:

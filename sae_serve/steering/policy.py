@@ -1,0 +1,102 @@
+"""Who may steer what, how hard, and who may read activations: the ``policy`` config section.
+
+Engine-agnostic like the rest of steering/ (engines read the config that holds it); the server's
+service layer checks it, so HTTP and gRPC enforce it identically. A request outside the
+policy is refused whole with a ``PolicyError`` naming the field: ``forbidden`` (HTTP 403, gRPC
+PERMISSION_DENIED) when it asks for something not permitted, otherwise a limit (HTTP 400, gRPC
+INVALID_ARGUMENT) when a strength is larger than the policy allows.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sae_serve.errors import PolicyError
+from sae_serve.sae.features import FeatureCatalog
+from sae_serve.sae.registry import SaeRegistry
+from sae_serve.steering.spec import RequestSpec, ResolvedRequest
+
+
+class FeatureSelector(BaseModel):
+    """A set of features of one SAE, by index, label or tag."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    features: tuple[int | str, ...] = ()
+    """Indices or catalog labels."""
+    tags: tuple[str, ...] = ()
+    """Catalog tags, e.g. ``language``."""
+
+    def contains(self, index: int, catalog: FeatureCatalog) -> bool:
+        info = catalog.info(index)
+        return (index in self.features or (info.label is not None and info.label in self.features)
+                or any(tag in info.tags for tag in self.tags))
+
+
+class Policy(BaseModel):
+    """The ``policy`` section of the config file. The defaults allow everything within sane bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steerable: dict[str, FeatureSelector] | None = None
+    """Per SAE, the features that may be steered; SAEs not listed may not be steered. None: all."""
+    readable: dict[str, FeatureSelector] | None = None
+    """Per SAE, the features whose activations may be returned (top_k is then refused). None: all."""
+    allow_readout: bool = True
+    """Whether requests may ask for activations at all."""
+    allow_vectors: bool = True
+    """Whether requests may add named steering vectors."""
+    max_abs_multiple_of_max: float = Field(default=20.0, gt=0)
+    """Largest |multiple_of_max| of a clamp (the paper used -2x ... 20x)."""
+    max_abs_value: float = Field(default=1000.0, gt=0)
+    """Largest |value| of a clamp, add or scale."""
+    max_abs_vector_coefficient: float = Field(default=1000.0, gt=0)
+    """Largest |coefficient| of a steering vector."""
+
+    def check(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
+        """Raise ``PolicyError`` for the first thing ``spec`` may not do."""
+        steering = spec.steering
+        if steering is not None:
+            self._check_interventions(spec, resolved, registry)
+            self._check_vectors(steering.vectors)
+        if spec.return_features is not None:
+            self._check_readout(spec, resolved, registry)
+
+    def _check_interventions(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
+        for i, (item, applied) in enumerate(zip(spec.steering.interventions, resolved.applied, strict=True)):
+            field = f"steering.interventions[{i}]"
+            selector = None if self.steerable is None else self.steerable.get(applied.sae, FeatureSelector())
+            if selector is not None and not selector.contains(applied.feature, registry.saes[applied.sae].catalog):
+                raise PolicyError(f"{field}.feature", f"feature {applied.feature} of SAE {applied.sae!r} may not "
+                                  "be steered on this server", forbidden=True)
+            if item.multiple_of_max is not None and abs(item.multiple_of_max) > self.max_abs_multiple_of_max:
+                raise PolicyError(f"{field}.multiple_of_max", f"|{item.multiple_of_max}| exceeds this server's "
+                                  f"limit of {self.max_abs_multiple_of_max}")
+            if item.value is not None and abs(item.value) > self.max_abs_value:
+                raise PolicyError(f"{field}.value", f"|{item.value}| exceeds this server's limit of "
+                                  f"{self.max_abs_value}")
+
+    def _check_vectors(self, vectors: list) -> None:
+        if vectors and not self.allow_vectors:
+            raise PolicyError("steering.vectors", "steering vectors are not allowed on this server", forbidden=True)
+        for i, vec in enumerate(vectors):
+            if abs(vec.coefficient) > self.max_abs_vector_coefficient:
+                raise PolicyError(f"steering.vectors[{i}].coefficient", f"|{vec.coefficient}| exceeds this server's "
+                                  f"limit of {self.max_abs_vector_coefficient}")
+
+    def _check_readout(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
+        if not self.allow_readout:
+            raise PolicyError("return_features", "feature activations are not returned on this server",
+                              forbidden=True)
+        readout = resolved.readout
+        if self.readable is None or readout is None:
+            return
+        selector = self.readable.get(readout.sae, FeatureSelector())
+        if readout.features is None:
+            raise PolicyError("return_features.top_k", "top_k is not allowed here: list the features to read",
+                              forbidden=True)
+        catalog = registry.saes[readout.sae].catalog
+        for j, feature in enumerate(readout.features):
+            if not selector.contains(feature, catalog):
+                raise PolicyError(f"return_features.features[{j}]", f"feature {feature} of SAE {readout.sae!r} "
+                                  "may not be read on this server", forbidden=True)

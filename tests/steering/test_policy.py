@@ -1,0 +1,93 @@
+"""The serving policy, through the service layer that HTTP and gRPC share."""
+
+import pytest
+import torch
+
+from sae_serve.config import SaeServeConfig, write_config
+from sae_serve.errors import PolicyError
+from sae_serve.sae.features import FeatureCatalog, FeatureInfo
+from sae_serve.sae.formats import save_sae
+from sae_serve.sae.registry import SaeEntry, VectorEntry, save_vector
+from sae_serve.server.service import SteeringService
+from sae_serve.steering.policy import FeatureSelector, Policy
+from sae_serve.steering.spec import RequestSpec
+from tests.conftest import make_sae
+
+
+@pytest.fixture
+def config_for(tmp_path):
+    save_sae(make_sae("relu", 16, 64), tmp_path / "s")
+    FeatureCatalog(d_sae=64, features={1: FeatureInfo(label="french", tags=("language",), max_activation=2.0),
+                                       2: FeatureInfo(label="deception", tags=("safety",), max_activation=3.0)}
+                   ).save(tmp_path / "s")
+    save_vector(torch.ones(16), tmp_path / "v.safetensors")
+
+    def make(policy: Policy) -> SteeringService:
+        config = SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),),
+                                vectors=(VectorEntry(name="v", sae="l1", path=str(tmp_path / "v.safetensors")),),
+                                policy=policy)
+        return SteeringService(config)
+    return make
+
+
+def steer(feature, **strength) -> RequestSpec:
+    return RequestSpec.model_validate({"steering": {"interventions": [
+        {"sae": "l1", "feature": feature, "mode": "clamp", **strength}]}})
+
+
+def refused(service: SteeringService, spec: RequestSpec) -> PolicyError:
+    with pytest.raises(PolicyError) as info:
+        service.prepare(spec)
+    return info.value
+
+
+def test_default_policy_allows_within_bounds(config_for) -> None:
+    service = config_for(Policy())
+    assert service.prepare(steer("french", multiple_of_max=10)).applied[0].value == 20.0
+    err = refused(service, steer("french", multiple_of_max=50))
+    assert (err.field, err.forbidden) == ("steering.interventions[0].multiple_of_max", False)
+
+
+def test_steerable_features_by_tag_and_label(config_for) -> None:
+    service = config_for(Policy(steerable={"l1": FeatureSelector(tags=("language",), features=(7,))}))
+    service.prepare(steer("french", value=1.0))
+    service.prepare(steer(7, value=1.0))
+    err = refused(service, steer("deception", value=1.0))
+    assert (err.field, err.forbidden) == ("steering.interventions[0].feature", True)
+    assert "may not be steered" in str(err)
+
+
+def test_limits_and_vectors(config_for) -> None:
+    service = config_for(Policy(max_abs_value=5, max_abs_vector_coefficient=2, allow_vectors=True))
+    assert refused(service, steer(3, value=-6.0)).field == "steering.interventions[0].value"
+    spec = RequestSpec.model_validate({"steering": {"vectors": [{"name": "v", "coefficient": 3}]}})
+    assert refused(service, spec).field == "steering.vectors[0].coefficient"
+    no_vectors = config_for(Policy(allow_vectors=False))
+    err = refused(no_vectors, RequestSpec.model_validate({"steering": {"vectors": [{"name": "v", "coefficient": 1}]}}))
+    assert (err.field, err.forbidden) == ("steering.vectors", True)
+
+
+def test_readout_rules(config_for) -> None:
+    closed = config_for(Policy(allow_readout=False))
+    err = refused(closed, RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 3}}))
+    assert (err.field, err.forbidden) == ("return_features", True)
+    listed = config_for(Policy(readable={"l1": FeatureSelector(tags=("safety",))}))
+    assert listed.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "features": ["deception"]}}))
+    assert refused(listed, RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 3}})).field == \
+        "return_features.top_k"
+    err = refused(listed, RequestSpec.model_validate({"return_features": {"sae": "l1", "features": [2, 1]}}))
+    assert err.field == "return_features.features[1]"
+
+
+def test_policy_in_the_config_file(tmp_path, config_for) -> None:
+    from sae_serve.config import load_config
+    from sae_serve.errors import SaeFormatError
+
+    service = config_for(Policy(max_abs_value=3))
+    path = write_config(SaeServeConfig(saes=tuple(
+        SaeEntry(name=n, path=str(tmp_path / "s")) for n in service.registry.saes), policy=Policy(max_abs_value=3)),
+        tmp_path / "c.json")
+    assert load_config(path).policy.max_abs_value == 3
+    path.write_text('{"policy": {"max_abs_value": -1}}')
+    with pytest.raises(SaeFormatError, match="field policy.max_abs_value"):
+        load_config(path)
