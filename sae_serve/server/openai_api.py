@@ -4,18 +4,18 @@
 ``return_features`` (the openai client sends them with ``extra_body``); the route validates them,
 hands vLLM the spec through ``vllm_xargs`` and a ``cache_salt``, calls vLLM's own handler, and
 adds an ``sae`` object to the response: the steering applied (clamp values resolved) and, when
-asked, per-token feature activations. GET /v1/saes and /v1/features/{sae}/{feature} describe
-what is loaded. Streaming responses are steered; their activations are not returned yet.
+asked, per-token feature activations. A stream carries the ``sae`` object on its final chunk (the
+one with a finish_reason). GET /v1/saes and /v1/features/{sae}/{feature} describe what is loaded.
 """
 
 
 import json
 from argparse import Namespace
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
 from sae_serve.config import config_from_env
@@ -49,12 +49,14 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
-        if prepared.readout_sae is not None and request.stream:
-            return _error(400, "return_features with stream=true is not supported yet", "return_features")
         request.vllm_xargs = {**(request.vllm_xargs or {}), **prepared.extra_args}
         if prepared.cache_salt is not None:
             request.cache_salt = prepared.cache_salt
         response = await vllm_handler(request, raw_request)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _with_sae_on_last_chunk(response.body_iterator, service, prepared,
+                                                             raw_request.app.state.engine_client)
+            return response
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             return response
         body = json.loads(response.body)
@@ -64,6 +66,25 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
                                                    if k.lower() not in ("content-length", "content-type")})
 
     return route
+
+
+async def _with_sae_on_last_chunk(chunks: AsyncIterator[Any], service: SteeringService, prepared: Any,
+                                  engine_client: Any) -> AsyncIterator[str]:
+    """Pass SSE events through; add the ``sae`` object to the first event with a finish_reason."""
+    attached = False
+    async for chunk in chunks:
+        text = chunk if isinstance(chunk, str) else chunk.decode()
+        if not attached and '"finish_reason":"' in text.replace(" ", ""):
+            events = text.split("\n\n")
+            for i, event in enumerate(events):
+                if event.startswith("data: {") and '"finish_reason":"' in event.replace(" ", ""):
+                    body = json.loads(event.removeprefix("data: "))
+                    body["sae"] = service.response_object(prepared, await service.activations(engine_client, prepared))
+                    events[i] = "data: " + json.dumps(body)
+                    attached = True
+                    break
+            text = "\n\n".join(events)
+        yield text
 
 
 class SaeServeEndpoints:

@@ -135,6 +135,24 @@ def test_chat_and_streaming_are_steered(client) -> None:
     assert streamed == whole
 
 
+def test_streams_carry_the_activations_on_the_final_chunk(client) -> None:
+    c, model = client
+    body = {**FRENCH, "return_features": {"sae": "layer15", "top_k": 2}}
+    whole = c.completions.create(model=model, prompt="The weather today is", max_tokens=6, temperature=0,
+                                 extra_body=body)
+    chunks = list(c.completions.create(model=model, prompt="The weather today is", max_tokens=6, temperature=0,
+                                       stream=True, extra_body=body))
+    with_sae = [ch for ch in chunks if (ch.model_extra or {}).get("sae")]
+    assert len(with_sae) == 1 and with_sae[0].choices[0].finish_reason is not None
+    streamed, plain = with_sae[0].model_extra["sae"], whole.model_extra["sae"]
+    assert streamed["applied"] == plain["applied"]
+    positions = [t["position"] for t in plain["features"]["tokens"]]
+    assert [t["position"] for t in streamed["features"]["tokens"]] == positions
+    got = torch.tensor([[f["activation"] for f in t["features"]] for t in streamed["features"]["tokens"]])
+    want = torch.tensor([[f["activation"] for f in t["features"]] for t in plain["features"]["tokens"]])
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"steering": {"interventions": [{"sae": "layer15", "feature": "nope", "mode": "add", "value": 1}]}},
      "steering.interventions[0].feature"),
