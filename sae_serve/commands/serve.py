@@ -22,13 +22,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_config() -> Path:
     from sae_serve import envs
-    from sae_serve.config import SaeServeConfig, write_config
+    from sae_serve.config import MetricsConfig, SaeServeConfig, write_config
     from sae_serve.data import DEFAULT_SAE_DIR, DEFAULT_SAE_NAME
     from sae_serve.sae.registry import SaeEntry
 
     path = envs.cache_dir() / "default-config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_config(SaeServeConfig(saes=(SaeEntry(name=DEFAULT_SAE_NAME, path=str(DEFAULT_SAE_DIR)),)), path)
+    config = SaeServeConfig(saes=(SaeEntry(name=DEFAULT_SAE_NAME, path=str(DEFAULT_SAE_DIR)),),
+                            metrics=MetricsConfig(enabled=True))
+    return write_config(config, path)
+
+
+def fresh_metrics_dir() -> Path:
+    """An empty PROMETHEUS_MULTIPROC_DIR for this server; those of servers no longer running go."""
+    import shutil
+
+    from sae_serve import envs
+
+    root = envs.cache_dir() / "prometheus"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if not Path(f"/proc/{old.name}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / str(os.getpid())  # exec keeps the pid: the folder lives as long as the server
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
 
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -41,7 +60,8 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     extra = [a for a in args.vllm_args if a != "--"]
     if args.model is None and "--dtype" not in extra:
         extra += ["--dtype", "float32"]  # the embedded model's weights are float32 (dequantized GGUF)
-    env = {**os.environ, "SAE_SERVE_CONFIG": str(Path(config).resolve()), "VLLM_PLUGINS": "sae_serve"}
+    env = {**os.environ, "SAE_SERVE_CONFIG": str(Path(config).resolve()), "VLLM_PLUGINS": "sae_serve",
+           "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_dir())}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", args.host, "--port", str(args.port), *extra]

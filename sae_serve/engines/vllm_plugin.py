@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from torch import nn
 
 from sae_serve.config import SaeServeConfig, config_from_env
 from sae_serve.errors import SaeServeError, SpecError
+from sae_serve.metrics import WorkerMetrics, worker_metrics
+from sae_serve.sae.model import FeatureSubset
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
 from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
@@ -55,6 +58,16 @@ class _Step:
     plans: list[dict[str, RequestPlan]]  # per request: its prepared work by SAE name
     layout: list[RequestRows]
     keys: list[str | None]
+    tokens: int  # real (unpadded) rows in the step
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """One SAE's watchlist, prepared for monitoring every token."""
+
+    subset: FeatureSubset
+    names: list[str]  # metric label per watched feature: its catalog label, else its index
+    thresholds: torch.Tensor  # (watched,) firing levels
 
 
 @dataclass
@@ -66,6 +79,20 @@ class SteeringRuntime:
     readouts: OrderedDict[str, dict[str, list[FeatureActivations]]] = field(default_factory=OrderedDict)
     errors: dict[str, str] = field(default_factory=dict)
     step: _Step | None = None
+    metrics: WorkerMetrics | None = None
+    watches: dict[str, _Watch] = field(default_factory=dict)
+
+    def enable_metrics(self, metrics: WorkerMetrics, firing_fraction: float) -> None:
+        self.metrics = metrics
+        for name, loaded in self.registry.saes.items():
+            if not loaded.watchlist or loaded.sae.cfg.architecture == "topk":
+                continue
+            catalog, device = loaded.catalog, loaded.sae.W_dec.device
+            peaks = [firing_fraction * (catalog.info(f).max_activation or 0.0) for f in loaded.watchlist]
+            self.watches[name] = _Watch(
+                loaded.sae.subset(torch.tensor(loaded.watchlist, device=device)),
+                [catalog.label_of(f) or str(f) for f in loaded.watchlist],
+                torch.tensor(peaks, dtype=loaded.sae.dtype, device=device))
 
     def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
         if req_id not in self.resolved:
@@ -93,18 +120,29 @@ class SteeringRuntime:
             del self.resolved[gone]
         resolved = [self._resolve(rid, runner.requests[rid].sampling_params.extra_args
                                   if runner.requests[rid].sampling_params else None) for rid in req_ids]
-        if not any(plans for _, plans in resolved):
+        if n == 0 or (self.metrics is None and not any(plans for _, plans in resolved)):
             self.step = None
             return
         qsl = runner.query_start_loc.cpu[: n + 1].tolist()
         layout = [RequestRows(qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
                               runner.requests[rid].num_prompt_tokens) for i, rid in enumerate(req_ids)]
-        self.step = _Step([plans for _, plans in resolved], layout, [key for key, _ in resolved])
+        self.step = _Step([plans for _, plans in resolved], layout, [key for key, _ in resolved], qsl[n])
 
     def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         step = self.step
         if step is None:
             return
+        start = time.perf_counter()
+        watch = self.watches.get(loaded.name)
+        if watch is not None and self.metrics is not None:  # before any edit: what the model computed
+            stream = hidden[: step.tokens] + residual[: step.tokens]
+            self.metrics.observe_features(loaded.name, watch.names, loaded.sae.encode_subset(stream, watch.subset),
+                                          watch.thresholds)
+        self._steer(loaded, hidden, residual, step)
+        if self.metrics is not None:
+            self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
+
+    def _steer(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor, step: _Step) -> None:
         plan = build_plan([p.get(loaded.name) for p in step.plans], step.layout)
         if not plan:
             return
@@ -188,6 +226,8 @@ def attach(runner: Any) -> SteeringRuntime | None:
     registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
     registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
     runtime = SteeringRuntime(registry)
+    if config.metrics.enabled:
+        runtime.enable_metrics(worker_metrics(), config.metrics.firing_fraction_of_max)
     layers = runner.model.model.layers
     for loaded in registry.saes.values():
         index = _site_layer(loaded)

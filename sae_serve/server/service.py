@@ -11,7 +11,8 @@ from typing import Any
 from sae_serve.config import SaeServeConfig
 from sae_serve.engines.vllm_offline import cache_salt
 from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, WORKER_METHOD
-from sae_serve.errors import SpecError
+from sae_serve.errors import PolicyError, SpecError
+from sae_serve.metrics import ApiMetrics, api_metrics
 from sae_serve.sae.registry import SaeRegistry, build_registry
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, resolve
 
@@ -28,18 +29,28 @@ class PreparedRequest:
 
 
 class SteeringService:
-    def __init__(self, config: SaeServeConfig) -> None:
+    def __init__(self, config: SaeServeConfig, metrics: ApiMetrics | None = None) -> None:
         # The API process keeps SAEs on the CPU for validation and feature cards only.
         self.registry: SaeRegistry = build_registry(config)
         self.policy = config.policy
+        self.metrics = metrics or api_metrics()
 
     def prepare(self, spec: RequestSpec) -> PreparedRequest | None:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
-        policy refuses it) naming the field."""
-        resolved = resolve(spec, self.registry)
-        self.policy.check(spec, resolved, self.registry)
+        policy refuses it) naming the field. Counts steered and refused requests."""
+        try:
+            resolved = resolve(spec, self.registry)
+            self.policy.check(spec, resolved, self.registry)
+        except PolicyError as exc:
+            self.metrics.refused.labels("policy_forbidden" if exc.forbidden else "policy_limit").inc()
+            raise
+        except SpecError:
+            self.metrics.refused.labels("invalid").inc()
+            raise
         if resolved.is_empty:
             return None
+        for mode in sorted({a.mode for a in resolved.applied} | ({"vector"} if resolved.vectors else set())):
+            self.metrics.steered.labels(mode).inc()
         key = uuid.uuid4().hex
         return PreparedRequest(
             key, {SPEC_KEY: spec.model_dump_json(exclude_none=True), REQUEST_KEY: key}, cache_salt(spec),

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import torch
 
-from sae_serve.config import SaeServeConfig, write_config
+from sae_serve.config import MetricsConfig, SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.sae.features import FeatureCatalog
@@ -52,8 +52,8 @@ def server(default_model_dir, tmp_path_factory):
     log = log_path.open("w")
     policy = Policy(steerable={"layer15": FeatureSelector(tags=("language", "topic", "entity", "code"))},
                     max_abs_multiple_of_max=4)
-    config = write_config(SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),), policy=policy),
-                          folder / "config.json")
+    config = write_config(SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),), policy=policy,
+                                         metrics=MetricsConfig(enabled=True)), folder / "config.json")
     proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port),
                              "--config", str(config), "--",
                              "--enforce-eager", "--max-model-len", "1024"], stdout=log, stderr=subprocess.STDOUT,
@@ -201,6 +201,64 @@ def test_saes_and_feature_cards(server) -> None:
     assert status == 404 and err["error"]["param"] == "feature"
     status, schema = _get(base + "/openapi.json")
     assert "steering" in json.dumps(schema["components"]["schemas"])
+
+
+def _samples(base: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("sae_serve")]
+
+
+def test_metrics_on_the_shared_endpoint(server, client) -> None:
+    base, _ = server
+    c, model = client
+    c.completions.create(model=model, prompt="He lied to the police and deceived the wicked judge", max_tokens=4,
+                         temperature=0)
+    c.completions.create(model=model, prompt="My favourite food is", max_tokens=2, extra_body=FRENCH)
+    samples = _samples(base)
+    m = {f"{s.name}{sorted(s.labels.items())}": s.value for s in samples}
+    key = "sae_serve_feature_tokens_total[('feature', 'wrongdoing'), ('sae', 'layer15')]"
+    assert m[key] > 10  # every token of every request is watched, steered or not
+    assert m["sae_serve_feature_activation_count[('feature', 'wrongdoing'), ('sae', 'layer15')]"] > 0
+    assert m["sae_serve_steered_requests_total[('mode', 'clamp')]"] >= 1
+    assert m["sae_serve_refused_requests_total[('reason', 'policy_forbidden')]"] >= 1
+    assert m["sae_serve_hook_seconds_count[('sae', 'layer15')]"] > 0
+    label_names = {name for sample in samples for name in sample.labels}
+    assert label_names <= {"sae", "feature", "mode", "reason", "le"}  # bounded: nothing per request
+
+
+def test_a_real_prometheus_scrapes_the_watched_features(server, tmp_path) -> None:
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the Debian package prometheus is not installed (`make install-system`)")
+    base, _ = server
+    port = _free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: sae_serve, static_configs: [{{targets: ['{base.removeprefix('http://')}']}}]}}]\n")
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        query = "sum by (feature) (sae_serve_feature_tokens_total)"
+        url = f"http://127.0.0.1:{port}/api/v1/query?query=" + urllib.request.quote(query)
+        deadline, result = time.time() + 60, []
+        while time.time() < deadline and not result:
+            time.sleep(2)
+            try:
+                result = _get(url)[1]["data"]["result"]
+            except OSError:
+                continue
+        assert {r["metric"]["feature"] for r in result} >= {"wrongdoing", "cunning", "military"}
+        assert all(float(r["value"][1]) > 0 for r in result)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_sigterm_drains_and_exits_zero(server) -> None:

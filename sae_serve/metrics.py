@@ -1,0 +1,69 @@
+"""Prometheus metrics (names: ``sae_serve_`` prefix, base units, ``_total`` on counters).
+
+Worker side (``WorkerMetrics``, fed by the vLLM plugin every step): activations of the watched
+features on every token, how many tokens they fire on, and the time the hook takes. API side
+(``ApiMetrics``): steered requests by mode and refused requests by reason. Labels stay bounded:
+the SAE name, a watched feature's label (or index), a mode, a reason; never a request.
+Under ``sae-serve serve`` the workers write to PROMETHEUS_MULTIPROC_DIR and vLLM's /metrics
+collects every process. (A top-level module, not server/: the engine's workers feed it.)
+"""
+
+from __future__ import annotations
+
+from weakref import WeakKeyDictionary
+
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+ACTIVATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+HOOK_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.activation = Histogram(
+            "sae_serve_feature_activation", "Activation of a watched feature on tokens where it is active.",
+            ["sae", "feature"], buckets=ACTIVATION_BUCKETS, registry=registry)
+        self.tokens = Counter("sae_serve_feature_tokens", "Tokens on which a watched feature was computed.",
+                              ["sae", "feature"], registry=registry)
+        self.fired = Counter("sae_serve_feature_fired_tokens",
+                             "Tokens on which a watched feature exceeded its firing threshold.",
+                             ["sae", "feature"], registry=registry)
+        self.hook_seconds = Histogram("sae_serve_hook_seconds", "Time of the steering hook per step and SAE.",
+                                      ["sae"], buckets=HOOK_BUCKETS, registry=registry)
+
+    def observe_features(self, sae: str, names: list[str], acts: torch.Tensor, thresholds: torch.Tensor) -> None:
+        """``acts`` (tokens, watched) of one step; ``thresholds`` (watched,) firing levels."""
+        fired = (acts > thresholds).sum(0).tolist()
+        for j, name in enumerate(names):
+            self.tokens.labels(sae, name).inc(len(acts))
+            if fired[j]:
+                self.fired.labels(sae, name).inc(fired[j])
+            column = acts[:, j]
+            for value in column[column > 0].tolist():  # features are sparse: few observations
+                self.activation.labels(sae, name).observe(value)
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.steered = Counter("sae_serve_steered_requests", "Requests that steer, by intervention mode.",
+                               ["mode"], registry=registry)
+        self.refused = Counter("sae_serve_refused_requests", "Requests refused by validation or policy.",
+                               ["reason"], registry=registry)
+
+
+_WORKER: WeakKeyDictionary[CollectorRegistry, WorkerMetrics] = WeakKeyDictionary()
+_API: WeakKeyDictionary[CollectorRegistry, ApiMetrics] = WeakKeyDictionary()
+
+
+def worker_metrics(registry: CollectorRegistry = REGISTRY) -> WorkerMetrics:
+    """One set per registry: a process that loads the plugin twice shares it."""
+    if registry not in _WORKER:
+        _WORKER[registry] = WorkerMetrics(registry)
+    return _WORKER[registry]
+
+
+def api_metrics(registry: CollectorRegistry = REGISTRY) -> ApiMetrics:
+    if registry not in _API:
+        _API[registry] = ApiMetrics(registry)
+    return _API[registry]
