@@ -7,6 +7,7 @@ Cases (all requests submitted together, greedy, 64 new tokens each):
   clamp8     every request clamps the same 8 features
   distinct64 64 requests, each with its own configuration (features and strengths)
   watch32    every request reads 32 features on every token
+  monitor4   a third engine with metrics on: the SAE's 4-feature watchlist on every token, nobody steers
 Each round runs plain vLLM and every case back to back; the ratio of output tokens/s to plain
 is taken per round and the median reported. Appends JSON to bench/results/steering_overhead.jsonl.
 """
@@ -25,8 +26,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-WORDS = ("the river city garden music winter science history market friend ocean mountain story "
-         "letter engine village language window morning dinner forest").split()
+WORDS = ("the", "river", "city", "garden", "music", "winter", "science", "history", "market", "friend", "ocean",
+         "mountain", "story", "letter", "engine", "village", "language", "window", "morning", "dinner", "forest")
 
 
 def prompts(n: int) -> list[str]:
@@ -57,7 +58,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from sae_serve.config import SaeServeConfig
+    from sae_serve.config import MetricsConfig, SaeServeConfig
     from sae_serve.data import DEFAULT_SAE_DIR
     from sae_serve.engines.vllm_offline import SteeredLLM
     from sae_serve.models import prepare_model
@@ -66,8 +67,9 @@ def main() -> None:
     model = prepare_model()
     kwargs = {"enforce_eager": args.eager, "dtype": "float32", "max_model_len": 512, "seed": 0}
     plain = LLM(model=str(model), **kwargs)  # created before SAE_SERVE_CONFIG is set: no SAEs
-    steered = SteeredLLM(model, SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),)),
-                         **kwargs)
+    saes = (SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),)
+    steered = SteeredLLM(model, SaeServeConfig(saes=saes), **kwargs)
+    monitored = SteeredLLM(model, SaeServeConfig(saes=saes, metrics=MetricsConfig(enabled=True)), **kwargs)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     texts = prompts(args.requests)
     workload = cases(args.requests)
@@ -79,13 +81,16 @@ def main() -> None:
 
     plain.generate(texts, params, use_tqdm=False)  # warm-up both
     steered.generate(texts, workload["clamp8"], params)
-    ratios: dict[str, list[float]] = {name: [] for name in workload}
+    monitored.generate(texts, workload["idle"], params)
+    runs = {name: (steered, specs) for name, specs in workload.items()}
+    runs["monitor4"] = (monitored, workload["idle"])
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
     plain_rates = []
     for _ in range(args.rounds):
-        for name, specs in workload.items():
+        for name, (engine, specs) in runs.items():
             base = rate(lambda: plain.generate(texts, params, use_tqdm=False))
             plain_rates.append(base)
-            ratios[name].append(rate(lambda specs=specs: steered.generate(texts, specs, params)) / base)
+            ratios[name].append(rate(lambda e=engine, s=specs: e.generate(texts, s, params)) / base)
     result = {
         "bench": "steering_overhead", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "mode": "eager" if args.eager else "compiled",
