@@ -15,3 +15,9 @@ def cache_dir() -> Path:
 def plugin_config_path() -> str | None:
     """SAE_SERVE_CONFIG: the config file the vLLM plugin reads in every worker."""
     return os.environ.get("SAE_SERVE_CONFIG") or None
+
+
+def grpc_address() -> tuple[str, int] | None:
+    """SAE_SERVE_GRPC_HOST / SAE_SERVE_GRPC_PORT: where the API server also serves gRPC (unset: no gRPC)."""
+    port = os.environ.get("SAE_SERVE_GRPC_PORT")
+    return (os.environ.get("SAE_SERVE_GRPC_HOST", "127.0.0.1"), int(port)) if port else None

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder or name (default: embedded SmolLM2-135M)")
     parser.add_argument("--config", type=Path, default=None, help="sae_serve config (default: the shipped SAE)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API, /v1/saes, /metrics)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: HTTP port + 1; 0: none)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: vLLM server options")
 
 
@@ -61,15 +62,24 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     if args.model is None and "--dtype" not in extra:
         extra += ["--dtype", "float32"]  # the embedded model's weights are float32 (dequantized GGUF)
     env = {**os.environ, "SAE_SERVE_CONFIG": str(Path(config).resolve()), "VLLM_PLUGINS": "sae_serve",
-           "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_dir())}
+           "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_dir()), "SAE_SERVE_GRPC_HOST": args.host,
+           "SAE_SERVE_GRPC_PORT": str(grpc_port(args))}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", args.host, "--port", str(args.port), *extra]
     return cmd, env
 
 
+def grpc_port(args: argparse.Namespace) -> int:
+    return args.port + 1 if args.grpc_port is None else args.grpc_port
+
+
 def run(args: argparse.Namespace) -> int:
     cmd, env = server_command(args)
-    print(f"sae-serve: HTTP (OpenAI API, /v1/saes, /metrics) on http://{args.host}:{args.port}", flush=True)
+    if not grpc_port(args):
+        del env["SAE_SERVE_GRPC_PORT"]
+    print(f"sae-serve: HTTP (OpenAI API, /v1/saes) on http://{args.host}:{args.port}, "
+          f"metrics on http://{args.host}:{args.port}/metrics"
+          + (f", gRPC on {args.host}:{grpc_port(args)}" if grpc_port(args) else ""), flush=True)
     os.execvpe(cmd[0], cmd, env)  # vLLM's server handles SIGTERM (graceful shutdown) itself
     return 0

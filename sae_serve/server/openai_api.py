@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
+from sae_serve import envs
 from sae_serve.config import config_from_env
 from sae_serve.errors import PolicyError, SpecError
 from sae_serve.server.service import SteeringService
@@ -118,3 +119,8 @@ class SaeServeEndpoints:
         if config is None:
             raise RuntimeError("sae_serve endpoint plugin: set SAE_SERVE_CONFIG (sae-serve serve does)")
         state.sae_serve = SteeringService(config)
+        address = envs.grpc_address()
+        if address is not None and engine_client is not None:
+            from sae_serve.server.grpc_server import start_grpc
+
+            state.sae_serve_grpc = await start_grpc(state.sae_serve, engine_client, *address)

@@ -1,5 +1,6 @@
 """`sae-serve serve` end to end: vLLM's real OpenAI server with the sae_serve plugins, on 127.0.0.1,
-driven by the official openai client; compared with the reference engine."""
+driven by the official openai client and by the generated gRPC stubs; compared with the reference
+engine. One server for the module; the SIGTERM test runs last."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def server(default_model_dir, tmp_path_factory):
                     max_abs_multiple_of_max=4)
     config = write_config(SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),), policy=policy,
                                          metrics=MetricsConfig(enabled=True)), folder / "config.json")
+    grpc_port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port),
-                             "--config", str(config), "--",
+                             "--grpc-port", str(grpc_port), "--config", str(config), "--",
                              "--enforce-eager", "--max-model-len", "1024"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -71,7 +73,7 @@ def server(default_model_dir, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("server did not become healthy")
-    yield base, proc
+    yield base, proc, f"127.0.0.1:{grpc_port}"
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -81,7 +83,7 @@ def server(default_model_dir, tmp_path_factory):
 def client(server):
     from openai import OpenAI
 
-    base, _ = server
+    base, _, _ = server
     c = OpenAI(base_url=base + "/v1", api_key="unused")
     return c, c.models.list().data[0].id
 
@@ -190,7 +192,7 @@ def test_policy_refusals_name_the_field(client) -> None:
 
 
 def test_saes_and_feature_cards(server) -> None:
-    base, _ = server
+    base, _, _ = server
     status, saes = _get(base + "/v1/saes")
     [sae] = saes["data"]
     assert status == 200 and (sae["name"], sae["d_sae"], sae["hook_layer"]) == ("layer15", 4608, 15)
@@ -213,7 +215,7 @@ def _samples(base: str) -> list:
 
 
 def test_metrics_on_the_shared_endpoint(server, client) -> None:
-    base, _ = server
+    base, _, _ = server
     c, model = client
     c.completions.create(model=model, prompt="He lied to the police and deceived the wicked judge", max_tokens=4,
                          temperature=0)
@@ -236,7 +238,7 @@ def test_a_real_prometheus_scrapes_the_watched_features(server, tmp_path) -> Non
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("the Debian package prometheus is not installed (`make install-system`)")
-    base, _ = server
+    base, _, _ = server
     port = _free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\n"
@@ -261,7 +263,103 @@ def test_a_real_prometheus_scrapes_the_watched_features(server, tmp_path) -> Non
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def grpc_stub(server):
+    import grpc
+
+    from sae_serve.server.grpc_stubs import load
+
+    pb, pb_grpc = load()
+    channel = grpc.insecure_channel(server[2])
+    yield pb, pb_grpc.SaeServeStub(channel), channel
+    channel.close()
+
+
+def test_grpc_generate_equals_http(grpc_stub, client) -> None:
+    pb, stub, _ = grpc_stub
+    c, model = client
+    request = pb.GenerateRequest(
+        prompt="My favourite food is", max_tokens=12, temperature=0,
+        steering=pb.Steering(interventions=[pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="french"),
+                                                            mode=pb.CLAMP, multiple_of_max=1.0)]),
+        return_features=pb.FeatureReadout(sae="layer15", features=[pb.FeatureRef(label="french")]))
+    messages = list(stub.Generate(request, timeout=120))
+    http = c.completions.create(model=model, prompt="My favourite food is", max_tokens=12, temperature=0,
+                                extra_body={**FRENCH, "return_features": {"sae": "layer15", "features": ["french"]}})
+    assert "".join(m.text for m in messages) == http.choices[0].text
+    final = messages[-1]
+    assert final.finish_reason == "length" and len(messages) > 2  # streamed, then finished
+    assert [(a.feature, a.label, a.mode) for a in final.applied] == [(4563, "french", pb.CLAMP)]
+    got = [t.features[0].activation for t in final.features]
+    want = [t["features"][0]["activation"] for t in http.model_extra["sae"]["features"]["tokens"]]
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_grpc_list_get_health_reflection(grpc_stub) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    pb, stub, channel = grpc_stub
+    [sae] = stub.ListSaes(pb.ListSaesRequest()).saes
+    assert (sae.name, sae.d_sae, sae.hook_layer) == ("layer15", 4608, 15) and 4263 in sae.watchlist
+    card = stub.GetFeature(pb.GetFeatureRequest(sae="layer15", feature=pb.FeatureRef(index=4563)))
+    assert card.label == "french" and card.max_activation > 0
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetFeature(pb.GetFeatureRequest(sae="layer15", feature=pb.FeatureRef(label="nope")))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in info.value.details()
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    assert "sae_serve.v1.SaeServe" in {s.name for s in reply.list_services_response.service}
+
+
+@pytest.mark.parametrize(("build", "code", "field"), [
+    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="nope"), mode=pb.ADD, value=1),
+     "INVALID_ARGUMENT", "steering.interventions[0].feature"),
+    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(index=3), value=1),
+     "INVALID_ARGUMENT", "steering.interventions.0.mode"),
+    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(index=3), mode=pb.ADD, value=float("nan")),
+     "INVALID_ARGUMENT", "steering.interventions.0.value"),
+    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="wrongdoing"), mode=pb.CLAMP,
+                                multiple_of_max=1), "PERMISSION_DENIED", "steering.interventions[0].feature"),
+    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="french"), mode=pb.CLAMP,
+                                multiple_of_max=10), "INVALID_ARGUMENT", "steering.interventions[0].multiple_of_max"),
+])
+def test_grpc_refusals_name_the_field(grpc_stub, build, code: str, field: str) -> None:
+    import grpc
+
+    pb, stub, _ = grpc_stub
+    request = pb.GenerateRequest(prompt="hi", max_tokens=2, steering=pb.Steering(interventions=[build(pb)]))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request, timeout=60))
+    assert info.value.code() == getattr(grpc.StatusCode, code) and field in info.value.details()
+
+
+def test_grpc_malformed_bytes_and_deadlines(grpc_stub) -> None:
+    import grpc
+
+    pb, stub, channel = grpc_stub
+    raw = channel.unary_stream("/sae_serve.v1.SaeServe/Generate", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        list(raw(b"\xff\xff\xff\x07garbage", timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed sae_serve.v1.GenerateRequest" in info.value.details()
+    for bad, field in ((pb.GenerateRequest(prompt=""), "prompt"), (pb.GenerateRequest(prompt="x", temperature=-1),
+                       "temperature"), (pb.GenerateRequest(prompt="x", min_tokens=9, max_tokens=3), "min_tokens")):
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(bad, timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith(field)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(prompt="Tell me a story.", min_tokens=400, max_tokens=400), timeout=1.0))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    ok = list(stub.Generate(pb.GenerateRequest(prompt="The capital of France is", max_tokens=3), timeout=60))
+    assert "".join(m.text for m in ok).startswith(" Paris")  # the server keeps serving
+
+
 def test_sigterm_drains_and_exits_zero(server) -> None:
-    _, proc = server
+    _, proc, _ = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0

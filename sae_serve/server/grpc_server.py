@@ -1,0 +1,185 @@
+"""The gRPC service of protos/sae_serve.proto, served from inside vLLM's API server process on
+the same engine client as HTTP, with the same service layer (validation, policy, metrics)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from sae_serve.errors import PolicyError, SpecError
+from sae_serve.server.grpc_stubs import load
+from sae_serve.server.service import SteeringService
+from sae_serve.steering.spec import RequestSpec
+
+logger = logging.getLogger(__name__)
+pb, pb_grpc = load()
+MODES = {pb.CLAMP: "clamp", pb.ADD: "add", pb.SCALE: "scale"}
+POSITIONS = {pb.ALL: "all", pb.PROMPT: "prompt", pb.GENERATED: "generated"}
+
+
+def _ref(ref: Any) -> int | str | None:
+    kind = ref.WhichOneof("ref")
+    return None if kind is None else getattr(ref, kind)
+
+
+def _intervention(iv: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"sae": iv.sae, "feature": _ref(iv.feature), "mode": MODES.get(iv.mode, "unspecified")}
+    for name in ("value", "multiple_of_max"):
+        if iv.HasField(name):
+            out[name] = getattr(iv, name)
+    return out
+
+
+def request_spec(request: Any) -> RequestSpec:
+    """The proto request as the same RequestSpec HTTP builds (so the same errors name the field)."""
+    body: dict[str, Any] = {}
+    if request.HasField("steering"):
+        s = request.steering
+        body["steering"] = {"interventions": [_intervention(iv) for iv in s.interventions],
+                            "vectors": [{"name": v.name, "coefficient": v.coefficient} for v in s.vectors],
+                            "positions": POSITIONS.get(s.positions, "unspecified")}
+    if request.HasField("return_features"):
+        r = request.return_features
+        body["return_features"] = {"sae": r.sae, **({"top_k": r.top_k} if r.HasField("top_k") else {}),
+                                   **({"features": [_ref(f) for f in r.features]} if r.features else {})}
+    return RequestSpec.model_validate(body)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+class SaeServeServicer(pb_grpc.SaeServeServicer):
+    def __init__(self, service: SteeringService, engine_client: Any) -> None:
+        self.service = service
+        self.engine = engine_client
+
+    async def _prepare(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return self.service.prepare(request_spec(request))
+        except ValidationError as exc:
+            self.service.metrics.refused.labels("invalid").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _validation_message(exc))
+        except PolicyError as exc:
+            code = grpc.StatusCode.PERMISSION_DENIED if exc.forbidden else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        except SpecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        from vllm import SamplingParams
+
+        if not request.prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty")
+        max_tokens = request.max_tokens or 16
+        if request.min_tokens > max_tokens:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"min_tokens: {request.min_tokens} exceeds "
+                                f"max_tokens {max_tokens}")
+        if request.temperature < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature: must be >= 0")
+        prepared = await self._prepare(request, context)
+        params = SamplingParams(max_tokens=max_tokens, min_tokens=request.min_tokens,
+                                temperature=request.temperature,
+                                seed=request.seed if request.HasField("seed") else None,
+                                extra_args=dict(prepared.extra_args) if prepared else None)
+        prompt: dict[str, Any] = {"prompt": request.prompt}
+        if prepared is not None and prepared.cache_salt is not None:
+            prompt["cache_salt"] = prepared.cache_salt
+        sent_text, sent_tokens = 0, 0
+        # A cancelled or timed-out call cancels this generator, and vLLM aborts the request.
+        async for output in self.engine.generate(prompt, params, f"grpc-{uuid.uuid4().hex}"):
+            completion = output.outputs[0]
+            message = pb.GenerateResponse(text=completion.text[sent_text:],
+                                          token_ids=list(completion.token_ids[sent_tokens:]))
+            sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
+            if output.finished:
+                message.finish_reason = completion.finish_reason or ""
+                if prepared is not None:
+                    await self._finish(message, prepared)
+            yield message
+
+    async def _finish(self, message: Any, prepared: Any) -> None:
+        for a in prepared.applied:
+            mode = {v: k for k, v in MODES.items()}[a.mode]
+            message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=mode, value=a.value)
+        features = await self.service.activations(self.engine, prepared)
+        if features is not None:
+            message.features_sae = features["sae"]
+            for token in features["tokens"]:
+                entry = message.features.add(position=token["position"])
+                for f in token["features"]:
+                    entry.features.add(feature=f["feature"], label=f["label"] or "", activation=f["activation"])
+
+    async def ListSaes(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ListSaesResponse(saes=[
+            pb.SaeInfo(name=s["name"], architecture=s["architecture"], d_in=s["d_in"], d_sae=s["d_sae"],
+                       hook_layer=s["hook_layer"], hook_point=s["hook_point"],
+                       watchlist=[w["feature"] for w in s["watchlist"]]) for s in self.service.saes()])
+
+    async def GetFeature(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ref = _ref(request.feature)
+        try:
+            card = self.service.feature(request.sae, "" if ref is None else str(ref))
+        except SpecError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND if exc.field in ("sae", "feature") else
+                                grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        feature = pb.Feature(sae=card["sae"], feature=card["feature"], label=card["label"] or "",
+                             tags=list(card["tags"]), description=card["description"] or "")
+        for name in ("max_activation", "density"):
+            if card[name] is not None:
+                setattr(feature, name, card[name])
+        return feature
+
+
+async def _parse(raw: bytes, request_cls: Any, context: grpc.aio.ServicerContext) -> Any:
+    """Decode a request ourselves: grpc would answer a corrupt message with UNKNOWN."""
+    try:
+        return request_cls.FromString(raw)
+    except DecodeError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_cls.DESCRIPTOR.full_name}: {exc}")
+
+
+def _handlers(servicer: SaeServeServicer) -> grpc.GenericRpcHandler:
+    async def generate(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for message in servicer.Generate(await _parse(raw, pb.GenerateRequest, context), context):
+            yield message
+
+    async def list_saes(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await servicer.ListSaes(await _parse(raw, pb.ListSaesRequest, context), context)
+
+    async def get_feature(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await servicer.GetFeature(await _parse(raw, pb.GetFeatureRequest, context), context)
+
+    return grpc.method_handlers_generic_handler("sae_serve.v1.SaeServe", {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate, response_serializer=pb.GenerateResponse.SerializeToString),
+        "ListSaes": grpc.unary_unary_rpc_method_handler(
+            list_saes, response_serializer=pb.ListSaesResponse.SerializeToString),
+        "GetFeature": grpc.unary_unary_rpc_method_handler(
+            get_feature, response_serializer=pb.Feature.SerializeToString),
+    })
+
+
+async def start_grpc(service: SteeringService, engine_client: Any, host: str, port: int) -> grpc.aio.Server:
+    """Start the gRPC server (SaeServe, health, reflection) on ``host:port``."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_handlers(SaeServeServicer(service, engine_client)),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (pb.DESCRIPTOR.services_by_name["SaeServe"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("sae_serve gRPC on %s:%d", host, port)
+    return server
