@@ -359,6 +359,67 @@ def test_grpc_malformed_bytes_and_deadlines(grpc_stub) -> None:
     assert "".join(m.text for m in ok).startswith(" Paris")  # the server keeps serving
 
 
+def _server_rss(proc: subprocess.Popen) -> int:
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def test_64_concurrent_steered_streams_equal_their_solo_runs(server, client) -> None:
+    """A bounded loopback load: 64 streams with random specs at once; each equals its solo run."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, proc, _ = server
+    c, model = client
+    rng = random.Random(7)
+    labels = ["french", "military", "soviet", "london", "python-return"]
+    jobs = []
+    for i in range(64):
+        spec = {"steering": {"interventions": [
+            {"sae": "layer15", "feature": f, "mode": rng.choice(["clamp", "add", "scale"]),
+             "value": round(rng.uniform(0, 3), 2)} for f in rng.sample(labels, rng.randint(0, 2))]}}
+        jobs.append((f"Request {i}: my favourite thing is", spec))
+
+    def stream(job: tuple[str, dict]) -> str:
+        prompt, spec = job
+        chunks = c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                      extra_body=spec)
+        return "".join(ch.choices[0].text for ch in chunks)
+
+    stream(jobs[0])  # warm
+    before = _server_rss(proc)
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        together = list(pool.map(stream, jobs))
+    solo = [stream(job) for job in jobs]
+    assert together == solo
+    assert len(set(together)) > 8  # the specs really differ
+    growth = _server_rss(proc) - before
+    assert growth < 300 * 2**20, f"server memory grew by {growth / 2**20:.0f} MiB"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client) -> None:
+    import httpx
+
+    base, _, _ = server
+    c, model = client
+    body = {"model": model, "prompt": "Tell me a story.", "max_tokens": 400, "min_tokens": 400, "stream": True,
+            **FRENCH}
+    with httpx.Client(timeout=30) as http, http.stream("POST", base + "/v1/completions", json=body) as response:
+        next(response.iter_lines())  # one chunk, then hang up
+    deadline = time.time() + 5  # 400 tokens take over 10 s here: only an abort empties the slot this soon
+    running = 1.0
+    while time.time() < deadline and running:
+        time.sleep(1)
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            running = sum(float(line.split()[-1]) for line in r.read().decode().splitlines()
+                          if line.startswith("vllm:num_requests_running"))
+    assert running == 0  # the abandoned request was aborted, not run to 400 tokens
+    ok = c.completions.create(model=model, prompt="The capital of France is", max_tokens=3, temperature=0)
+    assert ok.choices[0].text.startswith(" Paris")
+
+
 def test_sigterm_drains_and_exits_zero(server) -> None:
     _, proc, _ = server
     proc.send_signal(signal.SIGTERM)
