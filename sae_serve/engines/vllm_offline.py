@@ -23,7 +23,7 @@ from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, WORKER_METHOD
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.registry import build_registry
 from sae_serve.steering.hook import FeatureActivations
-from sae_serve.steering.spec import AppliedIntervention, RequestSpec, resolve
+from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,27 @@ def cache_salt(spec: RequestSpec) -> str | None:
     if spec.steering and (spec.steering.interventions or spec.steering.vectors):
         return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:32]
     return None
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What a steered request carries into vLLM, built the same way offline and by the servers."""
+
+    key: str
+    """The caller's key for fetching the request's activations from the workers."""
+    extra_args: dict[str, str]
+    """Flat ``SamplingParams.extra_args`` (also valid as the OpenAI server's ``vllm_xargs``)."""
+    cache_salt: str | None
+
+    def prompt(self, text: str) -> dict[str, str]:
+        """The prompt as vLLM takes it, with the request's cache salt."""
+        return {"prompt": text} if self.cache_salt is None else {"prompt": text, "cache_salt": self.cache_salt}
+
+
+def engine_request(spec: RequestSpec) -> EngineRequest:
+    key = uuid.uuid4().hex
+    return EngineRequest(key, {SPEC_KEY: spec.model_dump_json(exclude_none=True), REQUEST_KEY: key},
+                         cache_salt(spec))
 
 
 def _features(raw: dict[str, Any], sae: str | None) -> FeatureActivations | None:
@@ -69,37 +90,32 @@ class SteeredLLM:
         self.registry = build_registry(load_config(config))
         self.llm = LLM(model=str(model), **llm_kwargs)
 
-    def validate(self, spec: RequestSpec | dict | None) -> RequestSpec:
+    def validate(self, spec: RequestSpec | dict | None) -> tuple[RequestSpec, ResolvedRequest]:
         """Parse and resolve ``spec`` (raises SpecError / ValidationError naming the field)."""
         parsed = spec if isinstance(spec, RequestSpec) else RequestSpec.model_validate(spec or {})
-        resolve(parsed, self.registry)
-        return parsed
+        return parsed, resolve(parsed, self.registry)
 
     def generate(self, prompts: Sequence[str], specs: Sequence[RequestSpec | dict | None],
                  sampling_params: Any) -> list[SteeredOutput]:
         """Generate ``prompts[i]`` under ``specs[i]``; every spec is checked before any is sent."""
-        parsed = [self.validate(s) for s in specs]
-        keys = [uuid.uuid4().hex for _ in prompts]
+        checked = [self.validate(s) for s in specs]
+        engine = [engine_request(spec) for spec, _ in checked]
         items, params = [], []
-        for prompt, spec, key in zip(prompts, parsed, keys, strict=True):
-            item: dict[str, Any] = {"prompt": prompt}
-            if (salt := cache_salt(spec)) is not None:
-                item["cache_salt"] = salt
-            items.append(item)
+        for prompt, req in zip(prompts, engine, strict=True):
+            items.append(req.prompt(prompt))
             p = sampling_params.clone()
-            p.extra_args = {**(p.extra_args or {}), SPEC_KEY: spec.model_dump_json(exclude_none=True),
-                            REQUEST_KEY: key}
+            p.extra_args = {**(p.extra_args or {}), **req.extra_args}
             params.append(p)
         outputs = self.llm.generate(items, params, use_tqdm=False)
         readouts: dict[str, Any] = {}
-        for worker in self.llm.collective_rpc(WORKER_METHOD, args=(keys,)):
+        for worker in self.llm.collective_rpc(WORKER_METHOD, args=([r.key for r in engine],)):
             readouts.update({k: v for k, v in worker.items() if v["features"] or v["error"]})
         results = []
-        for out, spec, key in zip(outputs, parsed, keys, strict=True):
+        for out, (spec, resolved), req in zip(outputs, checked, engine, strict=True):
             completion = out.outputs[0]
             sae = spec.return_features.sae if spec.return_features else None
             results.append(SteeredOutput(
                 list(out.prompt_token_ids), list(completion.token_ids), completion.text,
-                _features(readouts.get(key, {"features": {}}), sae), resolve(spec, self.registry).applied))
+                _features(readouts.get(req.key, {"features": {}}), sae), resolved.applied))
         return results
 

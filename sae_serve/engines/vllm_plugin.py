@@ -82,6 +82,9 @@ class SteeringRuntime:
     metrics: WorkerMetrics | None = None
     watches: dict[str, _Watch] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
+
     def enable_metrics(self, metrics: WorkerMetrics, firing_fraction: float) -> None:
         self.metrics = metrics
         for name, loaded in self.registry.saes.items():
@@ -107,8 +110,7 @@ class SteeringRuntime:
                     # Clients validate before submitting; reaching here is a bug, never a crash.
                     logger.error("request %s: invalid sae_serve spec, not steered: %s", req_id, exc)
                     self.errors[str(key or req_id)] = str(exc)
-            saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
-            self.resolved[req_id] = (key, prepare_all(request, saes))
+            self.resolved[req_id] = (key, prepare_all(request, self.saes))
         return self.resolved[req_id]
 
     def begin_step(self, runner: Any) -> None:

@@ -22,6 +22,7 @@ from sae_serve.steering.spec import RequestSpec
 logger = logging.getLogger(__name__)
 pb, pb_grpc = load()
 MODES = {pb.CLAMP: "clamp", pb.ADD: "add", pb.SCALE: "scale"}
+MODE_OF = {name: mode for mode, name in MODES.items()}
 POSITIONS = {pb.ALL: "all", pb.PROMPT: "prompt", pb.GENERATED: "generated"}
 
 
@@ -90,10 +91,8 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
         params = SamplingParams(max_tokens=max_tokens, min_tokens=request.min_tokens,
                                 temperature=request.temperature,
                                 seed=request.seed if request.HasField("seed") else None,
-                                extra_args=dict(prepared.extra_args) if prepared else None)
-        prompt: dict[str, Any] = {"prompt": request.prompt}
-        if prepared is not None and prepared.cache_salt is not None:
-            prompt["cache_salt"] = prepared.cache_salt
+                                extra_args=dict(prepared.engine.extra_args) if prepared else None)
+        prompt = prepared.engine.prompt(request.prompt) if prepared else {"prompt": request.prompt}
         sent_text, sent_tokens = 0, 0
         # A cancelled or timed-out call cancels this generator, and vLLM aborts the request.
         async for output in self.engine.generate(prompt, params, f"grpc-{uuid.uuid4().hex}"):
@@ -109,8 +108,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
 
     async def _finish(self, message: Any, prepared: Any) -> None:
         for a in prepared.applied:
-            mode = {v: k for k, v in MODES.items()}[a.mode]
-            message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=mode, value=a.value)
+            message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=MODE_OF[a.mode], value=a.value)
         features = await self.service.activations(self.engine, prepared)
         if features is not None:
             message.features_sae = features["sae"]

@@ -50,9 +50,9 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
-        request.vllm_xargs = {**(request.vllm_xargs or {}), **prepared.extra_args}
-        if prepared.cache_salt is not None:
-            request.cache_salt = prepared.cache_salt
+        request.vllm_xargs = {**(request.vllm_xargs or {}), **prepared.engine.extra_args}
+        if prepared.engine.cache_salt is not None:
+            request.cache_salt = prepared.engine.cache_salt
         response = await vllm_handler(request, raw_request)
         if isinstance(response, StreamingResponse):
             response.body_iterator = _with_sae_on_last_chunk(response.body_iterator, service, prepared,

@@ -4,13 +4,12 @@ Written once, so HTTP and gRPC enforce the same rules and build the same answers
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from sae_serve.config import SaeServeConfig
-from sae_serve.engines.vllm_offline import cache_salt
-from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, WORKER_METHOD
+from sae_serve.engines.vllm_offline import EngineRequest, engine_request
+from sae_serve.engines.vllm_plugin import WORKER_METHOD
 from sae_serve.errors import PolicyError, SpecError
 from sae_serve.metrics import ApiMetrics, api_metrics
 from sae_serve.sae.registry import SaeRegistry, build_registry
@@ -21,9 +20,7 @@ from sae_serve.steering.spec import AppliedIntervention, RequestSpec, resolve
 class PreparedRequest:
     """What the engine needs for one request, and what the response reports."""
 
-    key: str
-    extra_args: dict[str, str]  # flat, as vLLM's ``vllm_xargs`` requires
-    cache_salt: str | None
+    engine: EngineRequest
     applied: tuple[AppliedIntervention, ...]
     readout_sae: str | None
 
@@ -51,19 +48,16 @@ class SteeringService:
             return None
         for mode in sorted({a.mode for a in resolved.applied} | ({"vector"} if resolved.vectors else set())):
             self.metrics.steered.labels(mode).inc()
-        key = uuid.uuid4().hex
-        return PreparedRequest(
-            key, {SPEC_KEY: spec.model_dump_json(exclude_none=True), REQUEST_KEY: key}, cache_salt(spec),
-            resolved.applied, spec.return_features.sae if spec.return_features else None,
-        )
+        return PreparedRequest(engine_request(spec), resolved.applied,
+                               spec.return_features.sae if spec.return_features else None)
 
     async def activations(self, engine_client: Any, prepared: PreparedRequest) -> dict[str, Any] | None:
         """The request's readout from the workers (removed there), as a JSON-ready object."""
         if prepared.readout_sae is None:
             return None
-        results = await engine_client.collective_rpc(WORKER_METHOD, args=([prepared.key],))
-        for worker in results:
-            got = worker.get(prepared.key, {})
+        key = prepared.engine.key
+        for worker in await engine_client.collective_rpc(WORKER_METHOD, args=([key],)):
+            got = worker.get(key, {})
             if got.get("features", {}).get(prepared.readout_sae):
                 return self._tokens(prepared.readout_sae, got["features"][prepared.readout_sae])
         return {"sae": prepared.readout_sae, "tokens": []}
