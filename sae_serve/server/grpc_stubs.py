@@ -11,7 +11,7 @@ from types import ModuleType
 
 from sae_serve import envs
 
-PROTO = Path(__file__).resolve().parents[2] / "protos" / "sae_serve.proto"
+PROTO = Path(__file__).resolve().parents[1] / "protos" / "sae_serve.proto"  # protos/ at the root links here
 
 
 def load() -> tuple[ModuleType, ModuleType]:

@@ -232,6 +232,23 @@ def test_metrics_on_the_shared_endpoint(server, client) -> None:
     assert label_names <= {"sae", "feature", "mode", "reason", "le"}  # bounded: nothing per request
 
 
+def test_every_metric_the_dashboard_and_rules_use_is_exported(server, client) -> None:
+    """deploy/grafana and deploy/prometheus name only series this server exports (or rules record)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.deploy.tools import all_expressions, metric_names, recorded_names
+
+    base, _, _ = server
+    c, model = client
+    c.completions.create(model=model, prompt="He lied to the police", max_tokens=4, extra_body=FRENCH)
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        exported = {s.name for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
+    known = exported | recorded_names()
+    missing = {where: sorted(metric_names(expr) - known) for where, expr in all_expressions().items()
+               if metric_names(expr) - known}
+    assert not missing
+
+
 def test_a_real_prometheus_scrapes_the_watched_features(server, tmp_path) -> None:
     import shutil
 
