@@ -3,13 +3,17 @@
     python bench/steering_overhead.py [--rounds 3] [--eager]
 
 Cases (all requests submitted together, greedy, 64 new tokens each):
-  idle       plugin loaded with the default SAE, nobody steers
-  clamp8     every request clamps the same 8 features
-  distinct64 64 requests, each with its own configuration (features and strengths)
-  watch32    every request reads 32 features on every token
-  monitor4   a third engine with metrics on: the SAE's 4-feature watchlist on every token, nobody steers
-Each round runs plain vLLM and every case back to back; the ratio of output tokens/s to plain
-is taken per round and the median reported. Appends JSON to bench/results/steering_overhead.jsonl.
+  idle        plugin loaded with the default SAE, nobody steers
+  clamp8      every request clamps the same 8 features
+  distinct64  64 requests, each with its own configuration (features and strengths)
+  distinct256 256 requests in one batch, each with its own configuration (against plain with 256)
+  watch32     every request reads 32 features on every token
+  topk8       every request reads its top 8 features on every token (a full encode)
+  monitor4    a third engine with metrics on: the SAE's 4-feature watchlist on every token, nobody steers
+Each round runs plain vLLM and every case back to back (A B A B); the ratio of output tokens/s to
+plain is taken per round and the median reported. Added time to first token: the same batch with
+max_tokens=1 (prefill and one token), case minus plain, in ms for the whole batch.
+Appends JSON to bench/results/steering_overhead.jsonl.
 """
 
 from __future__ import annotations
@@ -34,17 +38,23 @@ def prompts(n: int) -> list[str]:
     return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12 + i % 10)) for i in range(n)]
 
 
+def distinct(n: int) -> list[dict | None]:
+    """n configurations, no two alike (features and strengths)."""
+    return [{"steering": {"interventions": [
+        {"sae": "layer15", "feature": (i * 37) % 4608, "mode": "add", "value": 0.5 + i / n},
+        {"sae": "layer15", "feature": (i * 91 + 5) % 4608, "mode": "scale", "value": 0.5}]}} for i in range(n)]
+
+
 def cases(n: int) -> dict[str, list[dict | None]]:
     clamp = [{"sae": "layer15", "feature": f, "mode": "clamp", "multiple_of_max": 0.5}
              for f in (4563, 978, 914, 2857, 4263, 3261, 100, 2000)]
-    distinct = [{"steering": {"interventions": [
-        {"sae": "layer15", "feature": (i * 37) % 4608, "mode": "add", "value": 0.5 + i / 64},
-        {"sae": "layer15", "feature": (i * 91 + 5) % 4608, "mode": "scale", "value": 0.5}]}} for i in range(n)]
     return {
         "idle": [None] * n,
         "clamp8": [{"steering": {"interventions": clamp}}] * n,
-        "distinct64": distinct,
+        "distinct64": distinct(n),
+        "distinct256": distinct(256),
         "watch32": [{"return_features": {"sae": "layer15", "features": list(range(0, 4608, 144))}}] * n,
+        "topk8": [{"return_features": {"sae": "layer15", "top_k": 8}}] * n,
     }
 
 
@@ -71,33 +81,40 @@ def main() -> None:
     steered = SteeredLLM(model, SaeServeConfig(saes=saes), **kwargs)
     monitored = SteeredLLM(model, SaeServeConfig(saes=saes, metrics=MetricsConfig(enabled=True)), **kwargs)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    texts = prompts(args.requests)
+    first = SamplingParams(temperature=0, max_tokens=1)
     workload = cases(args.requests)
-
-    def rate(run) -> float:
-        start = time.perf_counter()
-        run()
-        return args.requests * args.max_tokens / (time.perf_counter() - start)
-
-    plain.generate(texts, params, use_tqdm=False)  # warm-up both
-    steered.generate(texts, workload["clamp8"], params)
-    monitored.generate(texts, workload["idle"], params)
     runs = {name: (steered, specs) for name, specs in workload.items()}
     runs["monitor4"] = (monitored, workload["idle"])
+
+    def seconds(run) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    plain.generate(prompts(256), params, use_tqdm=False)  # warm-up every engine and batch size
+    steered.generate(prompts(256), workload["distinct256"], params)
+    monitored.generate(prompts(args.requests), workload["idle"], params)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
+    added_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
     plain_rates = []
     for _ in range(args.rounds):
         for name, (engine, specs) in runs.items():
-            base = rate(lambda: plain.generate(texts, params, use_tqdm=False))
-            plain_rates.append(base)
-            ratios[name].append(rate(lambda e=engine, s=specs: e.generate(texts, s, params)) / base)
+            texts = prompts(len(specs))
+            base = seconds(lambda t=texts: plain.generate(t, params, use_tqdm=False))
+            case = seconds(lambda e=engine, t=texts, s=specs: e.generate(t, s, params))
+            ratios[name].append(base / case)
+            plain_rates.append(len(texts) * args.max_tokens / base)
+            base = seconds(lambda t=texts: plain.generate(t, first, use_tqdm=False))
+            case = seconds(lambda e=engine, t=texts, s=specs: e.generate(t, s, first))
+            added_ttft_ms[name].append(1000 * (case - base))
     result = {
         "bench": "steering_overhead", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "mode": "eager" if args.eager else "compiled",
         "requests": args.requests, "max_tokens": args.max_tokens,
-        "plain_tokens_per_s": round(statistics.median(plain_rates), 1),
+        "plain_tokens_per_s": round(statistics.median(plain_rates), 1),  # over every case's batch size
         "ratio_to_plain": {name: round(statistics.median(r), 3) for name, r in ratios.items()},
         "ratios_per_round": {name: [round(x, 3) for x in r] for name, r in ratios.items()},
+        "added_ttft_ms_per_batch": {name: round(statistics.median(r), 1) for name, r in added_ttft_ms.items()},
     }
     print(json.dumps(result, indent=1))
     with (Path(__file__).parent / "results" / "steering_overhead.jsonl").open("a") as f:

@@ -3,6 +3,8 @@ the same engine client as HTTP, with the same service layer (validation, policy,
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -12,12 +14,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import ValidationError
 
 from sae_serve.errors import PolicyError, SpecError
 from sae_serve.server.grpc_stubs import load
 from sae_serve.server.service import SteeringService
-from sae_serve.steering.spec import RequestSpec
 
 logger = logging.getLogger(__name__)
 pb, pb_grpc = load()
@@ -39,8 +39,8 @@ def _intervention(iv: Any) -> dict[str, Any]:
     return out
 
 
-def request_spec(request: Any) -> RequestSpec:
-    """The proto request as the same RequestSpec HTTP builds (so the same errors name the field)."""
+def request_body(request: Any) -> dict[str, Any]:
+    """The proto request as the same JSON body HTTP takes (so the same errors name the field)."""
     body: dict[str, Any] = {}
     if request.HasField("steering"):
         s = request.steering
@@ -51,12 +51,7 @@ def request_spec(request: Any) -> RequestSpec:
         r = request.return_features
         body["return_features"] = {"sae": r.sae, **({"top_k": r.top_k} if r.HasField("top_k") else {}),
                                    **({"features": [_ref(f) for f in r.features]} if r.features else {})}
-    return RequestSpec.model_validate(body)
-
-
-def _validation_message(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return body
 
 
 class SaeServeServicer(pb_grpc.SaeServeServicer):
@@ -66,10 +61,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
 
     async def _prepare(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return self.service.prepare(request_spec(request))
-        except ValidationError as exc:
-            self.service.metrics.refused.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _validation_message(exc))
+            return self.service.prepare(self.service.parse(request_body(request)))
         except PolicyError as exc:
             code = grpc.StatusCode.PERMISSION_DENIED if exc.forbidden else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, str(exc))
@@ -102,13 +94,16 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
             if output.finished:
                 message.finish_reason = completion.finish_reason or ""
-                if prepared is not None:
-                    await self._finish(message, prepared)
+            if prepared is not None:
+                await self._attach(message, prepared, output.finished)
             yield message
 
-    async def _finish(self, message: Any, prepared: Any) -> None:
-        for a in prepared.applied:
-            message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=MODE_OF[a.mode], value=a.value)
+    async def _attach(self, message: Any, prepared: Any, finished: bool) -> None:
+        """Activations of the tokens computed since the previous message; the steering applied at the end."""
+        if finished:
+            for a in prepared.applied:
+                message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=MODE_OF[a.mode],
+                                    value=a.value)
         features = await self.service.activations(self.engine, prepared)
         if features is not None:
             message.features_sae = features["sae"]
@@ -167,9 +162,39 @@ def _handlers(servicer: SaeServeServicer) -> grpc.GenericRpcHandler:
     })
 
 
-async def start_grpc(service: SteeringService, engine_client: Any, host: str, port: int) -> grpc.aio.Server:
-    """Start the gRPC server (SaeServe, health, reflection) on ``host:port``."""
-    server = grpc.aio.server()
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """The HTTP server's API keys on gRPC: metadata ``authorization: Bearer <key>``. Health checking
+    and reflection stay open, as vLLM leaves /health open (probes send no keys)."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "authorization: send metadata 'authorization: Bearer <API key>'")
+
+        self.deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def _allowed(self, metadata: Any) -> bool:
+        value = dict(metadata or ()).get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        digest = hashlib.sha256(token.encode()).digest()
+        # Compare with every key, in constant time, like vLLM's HTTP middleware.
+        return scheme.lower() == "bearer" and any([hmac.compare_digest(digest, d) for d in self.digests])
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith(self.OPEN) or self._allowed(details.invocation_metadata):
+            return await continuation(details)
+        return self.deny
+
+
+async def start_grpc(service: SteeringService, engine_client: Any, host: str, port: int,
+                     api_keys: tuple[str, ...] = ()) -> grpc.aio.Server:
+    """Start the gRPC server (SaeServe, health, reflection) on ``host:port``; with ``api_keys``, SaeServe
+    calls must carry one of them."""
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else [])
     server.add_generic_rpc_handlers((_handlers(SaeServeServicer(service, engine_client)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

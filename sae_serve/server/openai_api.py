@@ -4,25 +4,27 @@
 ``return_features`` (the openai client sends them with ``extra_body``); the route validates them,
 hands vLLM the spec through ``vllm_xargs`` and a ``cache_salt``, calls vLLM's own handler, and
 adds an ``sae`` object to the response: the steering applied (clamp values resolved) and, when
-asked, per-token feature activations. A stream carries the ``sae`` object on its final chunk (the
-one with a finish_reason). GET /v1/saes and /v1/features/{sae}/{feature} describe what is loaded.
+asked, per-token feature activations. In a stream, each chunk carries the activations of the tokens
+computed since the previous chunk, and the final chunk (the one with a finish_reason) also the
+steering applied. GET /v1/saes and /v1/features/{sae}/{feature} describe what is loaded.
 """
 
 
 import json
+import os
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field
+from pydantic import Field, SkipValidation, create_model, model_validator
 
 from sae_serve import envs
 from sae_serve.config import config_from_env
 from sae_serve.errors import PolicyError, SpecError
 from sae_serve.server.service import SteeringService
-from sae_serve.steering.spec import FeatureReadoutSpec, RequestSpec, SteeringSpec
+from sae_serve.steering.spec import FeatureReadoutSpec, SteeringSpec
 
 STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
 READOUT_DOC = "sae_serve: return per-token feature activations of one SAE."
@@ -33,19 +35,30 @@ def _error(status: int, message: str, param: str | None) -> JSONResponse:
         "message": message, "type": "BadRequestError", "param": param, "code": status}})
 
 
+@model_validator(mode="before")
+@classmethod
+def _objects_are_objects(cls: type, data: Any) -> Any:
+    """vLLM 0.32's own before-validators call .get() on ``structured_outputs`` and answer a non-object
+    with a 500 (found by schemathesis); refuse it first, as the 400 it is. (Runs before the base's.)"""
+    if isinstance(data, dict) and not isinstance(data.get("structured_outputs", {}), dict | None):
+        raise ValueError("structured_outputs: must be an object")
+    return data
+
+
 def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
     """A route taking ``base``'s body plus our two fields, then calling vLLM's handler."""
 
-    class Steered(base):  # type: ignore[misc, valid-type]
-        steering: SteeringSpec | None = Field(default=None, description=STEERING_DOC)
-        return_features: FeatureReadoutSpec | None = Field(default=None, description=READOUT_DOC)
-
-    Steered.__name__ = f"Steered{base.__name__}"
+    # Documented in /openapi.json, validated by the service (one error format, counted in metrics).
+    Steered = create_model(
+        f"Steered{base.__name__}", __base__=base, __validators__={"_objects": _objects_are_objects},
+        steering=(SkipValidation[SteeringSpec | None], Field(default=None, description=STEERING_DOC)),
+        return_features=(SkipValidation[FeatureReadoutSpec | None], Field(default=None, description=READOUT_DOC)))
 
     async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
         service: SteeringService = raw_request.app.state.sae_serve
         try:
-            prepared = service.prepare(RequestSpec(steering=request.steering, return_features=request.return_features))
+            prepared = service.prepare(service.parse({"steering": request.steering,
+                                                      "return_features": request.return_features}))
         except SpecError as exc:
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
@@ -55,8 +68,8 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
             request.cache_salt = prepared.engine.cache_salt
         response = await vllm_handler(request, raw_request)
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _with_sae_on_last_chunk(response.body_iterator, service, prepared,
-                                                             raw_request.app.state.engine_client)
+            response.body_iterator = _with_sae(response.body_iterator, service, prepared,
+                                                 raw_request.app.state.engine_client)
             return response
         if not isinstance(response, JSONResponse) or response.status_code != 200:
             return response
@@ -69,23 +82,29 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
     return route
 
 
-async def _with_sae_on_last_chunk(chunks: AsyncIterator[Any], service: SteeringService, prepared: Any,
-                                  engine_client: Any) -> AsyncIterator[str]:
-    """Pass SSE events through; add the ``sae`` object to the first event with a finish_reason."""
-    attached = False
+async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepared: Any,
+                    engine_client: Any) -> AsyncIterator[str]:
+    """Pass SSE events through, adding an ``sae`` object: to each event, the activations of the tokens
+    computed since the previous one (when the request asked for them); to the first event with a
+    finish_reason, the steering applied and the rest of the activations."""
+    finished = False
     async for chunk in chunks:
         text = chunk if isinstance(chunk, str) else chunk.decode()
-        if not attached and '"finish_reason":"' in text.replace(" ", ""):
-            events = text.split("\n\n")
-            for i, event in enumerate(events):
-                if event.startswith("data: {") and '"finish_reason":"' in event.replace(" ", ""):
-                    body = json.loads(event.removeprefix("data: "))
-                    body["sae"] = service.response_object(prepared, await service.activations(engine_client, prepared))
-                    events[i] = "data: " + json.dumps(body)
-                    attached = True
-                    break
-            text = "\n\n".join(events)
-        yield text
+        events = text.split("\n\n")
+        for i, event in enumerate(events):
+            if finished or not event.startswith("data: {"):
+                continue
+            body = json.loads(event.removeprefix("data: "))
+            finished = any(choice.get("finish_reason") for choice in body.get("choices", []))
+            features = await service.activations(engine_client, prepared)
+            if finished:
+                body["sae"] = service.response_object(prepared, features)
+            elif features is not None and features["tokens"]:
+                body["sae"] = {"features": features}
+            else:
+                continue
+            events[i] = "data: " + json.dumps(body)
+        yield "\n\n".join(events)
 
 
 class SaeServeEndpoints:
@@ -123,4 +142,9 @@ class SaeServeEndpoints:
         if address is not None and engine_client is not None:
             from sae_serve.server.grpc_server import start_grpc
 
-            state.sae_serve_grpc = await start_grpc(state.sae_serve, engine_client, *address)
+            state.sae_serve_grpc = await start_grpc(state.sae_serve, engine_client, *address, api_keys=api_keys(args))
+
+
+def api_keys(args: Namespace) -> tuple[str, ...]:
+    """vLLM's HTTP keys: --api-key, else the VLLM_API_KEY environment variable."""
+    return tuple(k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k)

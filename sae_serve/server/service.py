@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from sae_serve.config import SaeServeConfig
 from sae_serve.engines.vllm_offline import EngineRequest, engine_request
 from sae_serve.engines.vllm_plugin import WORKER_METHOD
@@ -31,6 +33,16 @@ class SteeringService:
         self.registry: SaeRegistry = build_registry(config)
         self.policy = config.policy
         self.metrics = metrics or api_metrics()
+
+    def parse(self, body: dict[str, Any]) -> RequestSpec:
+        """A request's ``steering`` and ``return_features`` as a RequestSpec; SpecError naming the
+        field (counted as refused), for every protocol alike."""
+        try:
+            return RequestSpec.model_validate(body)
+        except ValidationError as exc:
+            self.metrics.refused.labels("invalid").inc()
+            err = exc.errors()[0]
+            raise SpecError(".".join(str(p) for p in err["loc"]), err["msg"]) from None
 
     def prepare(self, spec: RequestSpec) -> PreparedRequest | None:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the

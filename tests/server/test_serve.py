@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 
+import grpc
 import pytest
 import torch
 
@@ -26,6 +27,8 @@ from sae_serve.steering.policy import FeatureSelector, Policy
 from sae_serve.steering.spec import RequestSpec, resolve
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
+API_KEY = "test-key-7f3a"  # the module's server requires it, on HTTP and gRPC
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 FRENCH = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
                                           "multiple_of_max": 1.0}]}}
 
@@ -36,9 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str) -> tuple[int, dict]:
+def _get(url: str, headers: dict[str, str] = AUTH) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -58,8 +61,8 @@ def server(default_model_dir, tmp_path_factory):
     grpc_port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port),
                              "--grpc-port", str(grpc_port), "--config", str(config), "--",
-                             "--enforce-eager", "--max-model-len", "1024"], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+                             "--enforce-eager", "--max-model-len", "1024", "--api-key", API_KEY],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -84,7 +87,7 @@ def client(server):
     from openai import OpenAI
 
     base, _, _ = server
-    c = OpenAI(base_url=base + "/v1", api_key="unused")
+    c = OpenAI(base_url=base + "/v1", api_key=API_KEY)
     return c, c.models.list().data[0].id
 
 
@@ -137,20 +140,22 @@ def test_chat_and_streaming_are_steered(client) -> None:
     assert streamed == whole
 
 
-def test_streams_carry_the_activations_on_the_final_chunk(client) -> None:
+def test_stream_chunks_carry_the_activations_of_their_tokens(client) -> None:
     c, model = client
     body = {**FRENCH, "return_features": {"sae": "layer15", "top_k": 2}}
     whole = c.completions.create(model=model, prompt="The weather today is", max_tokens=6, temperature=0,
                                  extra_body=body)
     chunks = list(c.completions.create(model=model, prompt="The weather today is", max_tokens=6, temperature=0,
                                        stream=True, extra_body=body))
-    with_sae = [ch for ch in chunks if (ch.model_extra or {}).get("sae")]
-    assert len(with_sae) == 1 and with_sae[0].choices[0].finish_reason is not None
-    streamed, plain = with_sae[0].model_extra["sae"], whole.model_extra["sae"]
-    assert streamed["applied"] == plain["applied"]
-    positions = [t["position"] for t in plain["features"]["tokens"]]
-    assert [t["position"] for t in streamed["features"]["tokens"]] == positions
-    got = torch.tensor([[f["activation"] for f in t["features"]] for t in streamed["features"]["tokens"]])
+    with_sae = [ch.model_extra["sae"] for ch in chunks if (ch.model_extra or {}).get("sae")]
+    assert len(with_sae) > 2  # spread over the stream, not all at the end
+    assert chunks[-1].choices[0].finish_reason is not None and "applied" in with_sae[-1]
+    assert all("applied" not in sae for sae in with_sae[:-1])
+    plain = whole.model_extra["sae"]
+    assert with_sae[-1]["applied"] == plain["applied"]
+    streamed = [t for sae in with_sae for t in sae["features"]["tokens"]]
+    assert [t["position"] for t in streamed] == [t["position"] for t in plain["features"]["tokens"]]
+    got = torch.tensor([[f["activation"] for f in t["features"]] for t in streamed])
     want = torch.tensor([[f["activation"] for f in t["features"]] for t in plain["features"]["tokens"]])
     torch.testing.assert_close(got, want)
 
@@ -280,6 +285,24 @@ def test_a_real_prometheus_scrapes_the_watched_features(server, tmp_path) -> Non
         proc.wait(timeout=30)
 
 
+class _WithApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamStreamClientInterceptor):
+    """Adds the API key to every call, as a client of a keyed server does."""
+
+    @staticmethod
+    def _with_key(details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return details._replace(metadata=[*(details.metadata or ()), *AUTH.items()])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
 @pytest.fixture(scope="module")
 def grpc_stub(server):
     import grpc
@@ -287,7 +310,7 @@ def grpc_stub(server):
     from sae_serve.server.grpc_stubs import load
 
     pb, pb_grpc = load()
-    channel = grpc.insecure_channel(server[2])
+    channel = grpc.intercept_channel(grpc.insecure_channel(server[2]), _WithApiKey())
     yield pb, pb_grpc.SaeServeStub(channel), channel
     channel.close()
 
@@ -307,7 +330,8 @@ def test_grpc_generate_equals_http(grpc_stub, client) -> None:
     final = messages[-1]
     assert final.finish_reason == "length" and len(messages) > 2  # streamed, then finished
     assert [(a.feature, a.label, a.mode) for a in final.applied] == [(4563, "french", pb.CLAMP)]
-    got = [t.features[0].activation for t in final.features]
+    assert sum(bool(m.features) for m in messages) > 2  # each message carries its tokens' activations
+    got = [t.features[0].activation for m in messages for t in m.features]
     want = [t["features"][0]["activation"] for t in http.model_extra["sae"]["features"]["tokens"]]
     assert got == pytest.approx(want, abs=1e-3)
 
@@ -376,6 +400,103 @@ def test_grpc_malformed_bytes_and_deadlines(grpc_stub) -> None:
     assert "".join(m.text for m in ok).startswith(" Paris")  # the server keeps serving
 
 
+def test_api_keys_guard_http_and_grpc_but_not_health(server, grpc_stub) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sae_serve.server.grpc_stubs import load
+
+    base, _, address = server
+    assert _get(base + "/v1/saes", headers={})[0] == 401
+    assert _get(base + "/v1/saes", headers={"authorization": "Bearer wrong"})[0] == 401
+    assert urllib.request.urlopen(base + "/health", timeout=10).status == 200
+    pb, pb_grpc = load()
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SaeServeStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", API_KEY),)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListSaes(pb.ListSaesRequest(), metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "authorization" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(pb.GenerateRequest(prompt="hi", max_tokens=2), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes send no keys
+        assert stub.ListSaes(pb.ListSaesRequest(), metadata=tuple(AUTH.items()), timeout=10).saes
+
+
+def test_a_non_object_structured_outputs_is_a_400_not_a_500(server, client) -> None:
+    """vLLM 0.32 alone answers this with a 500 (found by the schemathesis test below)."""
+    import httpx
+
+    base, _, _ = server
+    _, model = client
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/completions", {"prompt": "hi"})):
+        response = httpx.post(base + path, headers=AUTH, timeout=30,
+                              json={"model": model, **body, "structured_outputs": False})
+        assert response.status_code == 400 and "structured_outputs" in response.json()["error"]["message"]
+
+
+def _bounded(body: object, model: str, chat: bool) -> None:
+    """Keep a generated request cheap on a CPU (few tokens, one choice, a prompt); other fields stay."""
+    if not isinstance(body, dict):
+        return
+    body["model"] = model
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(name), int) and not isinstance(body.get(name), bool):
+            body[name] = max(-1, min(body[name], 4))
+    for name in ("n", "best_of", "min_tokens", "prompt_embeds"):
+        body.pop(name, None)
+    if not chat and not body.get("prompt"):
+        body["prompt"] = "Hello"
+    for name in ("prompt", "messages"):
+        if isinstance(body.get(name), list):
+            body[name] = body[name][:2]
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_schemathesis_finds_no_server_error_on_the_steering_endpoints(server, client, path: str, mode: str) -> None:
+    """Bodies generated from /openapi.json, with `steering` and `return_features` made required so
+    every case exercises them (valid bodies, then invalid ones): never a 5xx, the server stays up,
+    and every refusal of a steering field names it in `param`."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    base, proc, _ = server
+    _, model = client
+    document = _get(base + "/openapi.json")[1]
+    body_schema = document["components"]["schemas"][
+        "SteeredChatCompletionRequest" if "chat" in path else "SteeredCompletionRequest"]
+    body_schema["required"] = [*body_schema.get("required", []), "steering", "return_features"]
+    operation = schemathesis.openapi.from_dict(document)[path]["POST"]
+    steering_answered = 0
+
+    @settings(max_examples=30, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
+    def call(case) -> None:
+        nonlocal steering_answered
+        _bounded(case.body, model, chat="chat" in path)
+        response = case.call(base_url=base, headers=AUTH, timeout=120)
+        assert response.status_code < 500, (case.body, response.text[:500])
+        error = response.json().get("error") if response.status_code >= 400 else None
+        if response.status_code < 400:
+            steering_answered += 1
+        elif error is not None:  # (FastAPI answers a body that is not JSON with {"detail": ...})
+            assert error["message"], response.text
+            param = error.get("param") or ""
+            if param.startswith(("steering", "return_features")):
+                steering_answered += 1
+            else:
+                assert not error["message"].startswith(("steering", "return_features")), response.text
+
+    call()
+    assert proc.poll() is None
+    if mode == "positive":  # the cases reached the steering code, not just vLLM's own checks
+        assert steering_answered > 0
+
+
 def _server_rss(proc: subprocess.Popen) -> int:
     import psutil
 
@@ -423,7 +544,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client) -> 
     c, model = client
     body = {"model": model, "prompt": "Tell me a story.", "max_tokens": 400, "min_tokens": 400, "stream": True,
             **FRENCH}
-    with httpx.Client(timeout=30) as http, http.stream("POST", base + "/v1/completions", json=body) as response:
+    with httpx.Client(timeout=30, headers=AUTH) as http, \
+            http.stream("POST", base + "/v1/completions", json=body) as response:
         next(response.iter_lines())  # one chunk, then hang up
     deadline = time.time() + 5  # 400 tokens take over 10 s here: only an abort empties the slot this soon
     running = 1.0
