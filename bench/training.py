@@ -38,8 +38,8 @@ torch.manual_seed(0)
 data = torch.from_numpy(np.load(train))
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=data.shape[1], d_sae=d_sae, k=k))
 steps = len(data) // batch
-cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr,
-                       logger=LoggingConfig(log_to_wandb=False))
+cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=0.0,
+                       lr_decay_steps=steps // 5, logger=LoggingConfig(log_to_wandb=False))  # as ours: last 20%
 trainer = SAETrainer(cfg, sae, iter(data[i * batch:(i + 1) * batch] for i in range(steps)))
 start = time.perf_counter()
 trainer.fit()

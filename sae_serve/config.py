@@ -14,9 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_serve import envs
-from sae_serve.errors import SaeFormatError
+from sae_serve.errors import SaeFormatError, SpecError
 from sae_serve.sae.registry import RegistryConfig
 from sae_serve.steering.policy import Policy
+from sae_serve.steering.spec import ResolvedRequest
 
 
 class MetricsConfig(BaseModel):
@@ -30,13 +31,38 @@ class MetricsConfig(BaseModel):
     """A watched feature 'fires' on a token above this fraction of its max activation."""
 
 
+class OpConfig(BaseModel):
+    """How the engine runs the steering op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fixed_shapes: bool = False
+    """Use the fixed-shape op (persistent tables, CUDA-graph shapes) for requests that fit it."""
+    slots: int = Field(default=16, ge=1, le=1024)
+    """Features one request may edit and read on one SAE with the fixed-shape op; servers refuse more."""
+
+    def check(self, request: ResolvedRequest) -> None:
+        """Refuse a request the fixed-shape op could only run partly (never steer it silently less)."""
+        if not self.fixed_shapes:
+            return
+        readout = request.readout
+        for sae in request.sae_names():
+            edited = request.edits[sae].features if sae in request.edits else ()
+            read = readout.features if readout is not None and readout.sae == sae and readout.features else ()
+            if len(set(edited) | set(read)) > self.slots:
+                raise SpecError("steering.interventions", f"{len(set(edited) | set(read))} features on SAE {sae!r} "
+                                f"exceed this server's capacity of {self.slots} per request (config op.slots)")
+
+
 class SaeServeConfig(RegistryConfig):
-    """The whole config file: ``saes``, ``vectors``, the serving ``policy`` and ``metrics``."""
+    """The whole config file: ``saes``, ``vectors``, the serving ``policy``, ``metrics`` and ``op``."""
 
     policy: Policy = Policy()
     """What requests may do on the API server (offline use through SteeredLLM is trusted)."""
     metrics: MetricsConfig = MetricsConfig()
     """Feature monitoring."""
+    op: OpConfig = OpConfig()
+    """The steering op."""
 
 
 def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:

@@ -87,13 +87,16 @@ class SteeredLLM:
             folder = config_dir or Path(os.environ.get("TMPDIR", "/tmp"))
             config = write_config(config, folder / f"sae_serve-{uuid.uuid4().hex[:8]}.json")
         os.environ["SAE_SERVE_CONFIG"] = str(config)  # every vLLM process reads it
-        self.registry = build_registry(load_config(config))
+        loaded = load_config(config)
+        self.registry, self.op = build_registry(loaded), loaded.op
         self.llm = LLM(model=str(model), **llm_kwargs)
 
     def validate(self, spec: RequestSpec | dict | None) -> tuple[RequestSpec, ResolvedRequest]:
         """Parse and resolve ``spec`` (raises SpecError / ValidationError naming the field)."""
         parsed = spec if isinstance(spec, RequestSpec) else RequestSpec.model_validate(spec or {})
-        return parsed, resolve(parsed, self.registry)
+        resolved = resolve(parsed, self.registry)
+        self.op.check(resolved)
+        return parsed, resolved
 
     def generate(self, prompts: Sequence[str], specs: Sequence[RequestSpec | dict | None],
                  sampling_params: Any) -> list[SteeredOutput]:

@@ -12,9 +12,11 @@ is turned into ``RequestRows``; each request's spec, read once from
 ``SamplingParams.extra_args["sae_serve"]``, is resolved and prepared once. When no request in the
 step steers or reads, the op returns at once and touches nothing.
 
-Limitations, stated: the op runs Python every step, so it cannot live inside CUDA graphs, and
-the V2 model runner that GPUs default to is not patched (run GPUs with VLLM_USE_V2_MODEL_RUNNER=0
-or wait for the V2 path).
+With ``op: {fixed_shapes: true}`` in the config, the steering itself runs through the fixed-shape
+op (``steering/fixed.py``): persistent tables filled before the math, the shapes CUDA graphs need.
+Limitations, stated: the op is still called from Python every step, so it is not yet captured
+inside CUDA graphs, and the V2 model runner that GPUs default to is not patched (run GPUs with
+VLLM_USE_V2_MODEL_RUNNER=0).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from sae_serve.errors import SaeServeError, SpecError
 from sae_serve.metrics import WorkerMetrics, worker_metrics
 from sae_serve.sae.model import FeatureSubset
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
+from sae_serve.steering.fixed import Capacity, FixedTables, fits, fixed_readout, steer_fixed_
 from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
 from sae_serve.steering.spec import RequestSpec, resolve
@@ -81,6 +84,7 @@ class SteeringRuntime:
     step: _Step | None = None
     metrics: WorkerMetrics | None = None
     watches: dict[str, _Watch] = field(default_factory=dict)
+    tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
 
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
@@ -148,7 +152,15 @@ class SteeringRuntime:
         plan = build_plan([p.get(loaded.name) for p in step.plans], step.layout)
         if not plan:
             return
-        for index, acts in apply_plan_split_(hidden, residual, loaded.sae, plan).items():
+        readouts, tables = {}, self.tables.get(loaded.name)
+        if tables is not None:  # the fixed-shape op for what fits it, the segment path for the rest
+            fixed = tuple(seg for seg in plan if fits(seg.plan, tables.capacity))
+            plan = tuple(seg for seg in plan if not fits(seg.plan, tables.capacity))
+            tables.fill(fixed)
+            steer_fixed_(hidden, residual, loaded.sae, tables)
+            readouts = {seg.request: fixed_readout(tables, seg) for seg in fixed if seg.plan.reads}
+        readouts.update(apply_plan_split_(hidden, residual, loaded.sae, plan))
+        for index, acts in readouts.items():
             key = step.keys[index]
             if key is not None:
                 self.readouts.setdefault(key, {}).setdefault(loaded.name, []).append(acts)
@@ -230,6 +242,11 @@ def attach(runner: Any) -> SteeringRuntime | None:
     runtime = SteeringRuntime(registry)
     if config.metrics.enabled:
         runtime.enable_metrics(worker_metrics(), config.metrics.firing_fraction_of_max)
+    if config.op.fixed_shapes:
+        sched = runner.vllm_config.scheduler_config
+        capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
+        runtime.tables = {name: FixedTables(loaded.sae, capacity) for name, loaded in registry.saes.items()
+                          if loaded.sae.cfg.architecture != "topk"}
     layers = runner.model.model.layers
     for loaded in registry.saes.values():
         index = _site_layer(loaded)

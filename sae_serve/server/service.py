@@ -32,6 +32,7 @@ class SteeringService:
         # The API process keeps SAEs on the CPU for validation and feature cards only.
         self.registry: SaeRegistry = build_registry(config)
         self.policy = config.policy
+        self.op = config.op
         self.metrics = metrics or api_metrics()
 
     def parse(self, body: dict[str, Any]) -> RequestSpec:
@@ -50,6 +51,7 @@ class SteeringService:
         try:
             resolved = resolve(spec, self.registry)
             self.policy.check(spec, resolved, self.registry)
+            self.op.check(resolved)
         except PolicyError as exc:
             self.metrics.refused.labels("policy_forbidden" if exc.forbidden else "policy_limit").inc()
             raise

@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from sae_serve.config import SaeServeConfig, write_config
+from sae_serve.config import OpConfig, SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.errors import SpecError
@@ -38,10 +38,13 @@ def config(tmp_path_factory) -> SaeServeConfig:
                           vectors=(VectorEntry(name="v", sae="layer15", path=str(folder / "v.safetensors")),))
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled"])
+@pytest.fixture(scope="module", params=["eager", "compiled", "compiled-fixed"])
 def llm(request, config, default_model_dir, tmp_path_factory):
+    """Every test runs on the segment op (eager, compiled) and on the fixed-shape op (8 slots)."""
     from sae_serve.engines.vllm_offline import SteeredLLM
 
+    if request.param.endswith("fixed"):
+        config = config.model_copy(update={"op": OpConfig(fixed_shapes=True, slots=8)})
     engine = SteeredLLM(default_model_dir, config, config_dir=tmp_path_factory.mktemp("c"),
                         enforce_eager=request.param == "eager", dtype="float32", max_model_len=1024)
     yield engine
@@ -147,6 +150,13 @@ def test_bad_specs_are_refused_before_the_engine(llm) -> None:
     with pytest.raises(ValidationError):
         llm.generate(["hi"], [{"steering": {"interventions": [
             {"sae": "layer15", "feature": 1, "mode": "add", "value": float("nan")}]}}], greedy(2))
+    nine = {"steering": {"interventions": [{"sae": "layer15", "feature": f, "mode": "add", "value": 1.0}
+                                           for f in range(9)]}}
+    if llm.op.fixed_shapes:  # over capacity: refused, never steered partly
+        with pytest.raises(SpecError, match="capacity of 8 per request"):
+            llm.generate(["hi"], [nine], greedy(2))
+    else:
+        assert llm.generate(["hi"], [nine], greedy(2))[0].applied
     [ok] = llm.generate(["The capital of France is"], [None], greedy(3))
     assert ok.text.startswith(" Paris")
 

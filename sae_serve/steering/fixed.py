@@ -1,0 +1,131 @@
+"""The steering op with fixed shapes, for CUDA graphs.
+
+A captured graph replays the same kernels on the same tensors, so the op reads only persistent
+tables that the host fills before each step (``FixedTables``), and no shape depends on what the
+requests ask. Per token row t, up to ``capacity.slots`` features (those its request edits or reads)
+sit in that row's own slots: ``index[t, s]``, ``mult[t, s]``, ``offset[t, s]``. Unused slots hold
+feature 0 with mult 1 and offset 0, which adds exactly nothing. A request's summed steering vector
+is one row of a per-step vector bank (row 0 is zeros) that its token rows point to.
+
+The op gathers each row's own encoder and decoder rows and multiplies per row,
+(1, d_in) x (d_in, slots) and (1, slots) x (slots, d_in), batched over rows: a row's arithmetic
+never depends on its neighbours, so isolation stays bit-exact, as with ``hook.apply_plan``.
+Same math as ``hook.py``: x' = x + ((mult - 1) * a_S(x) + offset) W_dec[S] + vector.
+
+What needs variable shapes stays on the segment path (``hook.py``): top-k readouts and TopK SAEs
+(both need the full encode), and requests that name more features than there are slots, which
+``FixedTables.fill`` refuses with ``CapacityError`` rather than steer them partly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae_serve.errors import SaeServeError
+from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
+from sae_serve.steering.hook import FeatureActivations
+from sae_serve.steering.plan import RequestPlan, SaePlan, Segment
+
+
+class CapacityError(SaeServeError):
+    """A step's plan does not fit the fixed tables."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    tokens: int
+    """Rows per step (vLLM's max_num_batched_tokens)."""
+    slots: int = 16
+    """Features one request may edit and read on one SAE."""
+    requests: int = 256
+    """Requests with a steering vector in one step (vLLM's max_num_seqs)."""
+
+
+def fits(plan: RequestPlan, capacity: Capacity) -> bool:
+    """Whether the fixed op can run ``plan`` (else it takes the segment path)."""
+    return plan.subset is not None and plan.top_k is None and len(plan.features) <= capacity.slots
+
+
+class FixedTables:
+    """The persistent tables of one SAE site, on the SAE's device."""
+
+    def __init__(self, sae: SparseAutoencoder, capacity: Capacity) -> None:
+        if sae.cfg.architecture == "topk":
+            raise SaeServeError("the fixed-shape op encodes feature subsets: a topk SAE needs the segment path")
+        t, s, device, dtype = capacity.tokens, capacity.slots, sae.W_dec.device, sae.dtype
+        self.capacity = capacity
+        self.w_enc_rows = sae.W_enc.T.contiguous()  # (d_sae, d_in): row gathers, not column gathers
+        self.index = torch.zeros(t, s, dtype=torch.long, device=device)
+        self.mult = torch.ones(t, s, dtype=dtype, device=device)
+        self.offset = torch.zeros(t, s, dtype=dtype, device=device)
+        self.vector_row = torch.zeros(t, dtype=torch.long, device=device)
+        self.vectors = torch.zeros(capacity.requests + 1, sae.d_in, dtype=dtype, device=device)
+        self.activations = torch.zeros(t, s, dtype=dtype, device=device)  # written by the op: readouts
+        self._filled = 0  # rows written by the last fill, reset by the next
+
+    def fill(self, plan: SaePlan) -> None:
+        """Write one step's segments into the tables; rows of other requests become no-ops."""
+        cap, rows = self.capacity, max((seg.rows.end for seg in plan), default=0)
+        if rows > cap.tokens:
+            raise CapacityError(f"a step of {rows} tokens exceeds the fixed op's capacity of {cap.tokens}")
+        index, mult = torch.zeros(rows, cap.slots, dtype=torch.long), torch.ones(rows, cap.slots)
+        offset, vector_row = torch.zeros(rows, cap.slots), torch.zeros(rows, dtype=torch.long)
+        vectors = []
+        for seg in plan:
+            p, start, end = seg.plan, seg.rows.start, seg.rows.end
+            if not fits(p, cap):
+                raise CapacityError(f"request {seg.request} names {len(p.features)} features "
+                                    f"(capacity {cap.slots} per request) or asks for a top-k readout")
+            m = len(p.features)
+            index[start:end, :m] = p.features.cpu()
+            first, last = seg.rows.scope(p.positions)
+            if p.mult is not None:
+                mult[start + first:start + last, :m] = p.mult.cpu().float()
+                offset[start + first:start + last, :m] = p.offset.cpu().float()
+            if p.vector is not None:
+                if len(vectors) == cap.requests:
+                    raise CapacityError(f"more than {cap.requests} requests with steering vectors in one step")
+                vectors.append(p.vector)
+                vector_row[start + first:start + last] = len(vectors)
+        self._reset(rows)
+        self.index[:rows].copy_(index, non_blocking=True)
+        self.mult[:rows].copy_(mult, non_blocking=True)
+        self.offset[:rows].copy_(offset, non_blocking=True)
+        self.vector_row[:rows].copy_(vector_row, non_blocking=True)
+        if vectors:
+            self.vectors[1:len(vectors) + 1] = torch.stack(vectors)
+        self._filled = rows
+
+    def _reset(self, rows: int) -> None:
+        """Make the rows the previous step wrote beyond ``rows`` no-ops again."""
+        if self._filled > rows:
+            self.index[rows:self._filled] = 0
+            self.mult[rows:self._filled] = 1
+            self.offset[rows:self._filled] = 0
+            self.vector_row[rows:self._filled] = 0
+
+
+def steer_fixed_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoencoder, tables: FixedTables) -> None:
+    """Edit ``hidden`` (tokens, d_in) in place from the tables; the stream is hidden + residual.
+    Every shape is (tokens, ...) with tokens the padded batch: graph-capturable."""
+    n = hidden.shape[0]
+    index = tables.index[:n]
+    x = sae._encoder_input(hidden + residual)
+    pre = torch.bmm(tables.w_enc_rows[index], x.unsqueeze(-1)).squeeze(-1) + sae.b_enc[index]
+    threshold = getattr(sae, "threshold", None)
+    acts = sae._activate_subset(pre, FeatureSubset(index, None, None,  # type: ignore[arg-type]
+                                                    None if threshold is None else threshold[index]))
+    tables.activations[:n].copy_(acts)
+    coef = (tables.mult[:n] - 1) * acts + tables.offset[:n]
+    delta = torch.bmm(coef.unsqueeze(1), sae.W_dec[index]).squeeze(1) + tables.vectors[tables.vector_row[:n]]
+    hidden += delta.to(hidden.dtype)
+
+
+def fixed_readout(tables: FixedTables, seg: Segment) -> FeatureActivations:
+    """A reading request's activations, from the slots the op wrote (slot order is plan order)."""
+    p = seg.plan
+    values = tables.activations[seg.rows.start:seg.rows.end, p.read_columns]
+    indices = p.features[p.read_columns].expand(values.shape[0], -1)
+    return FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
