@@ -13,10 +13,9 @@ is turned into ``RequestRows``; each request's spec, read once from
 step steers or reads, the op returns at once and touches nothing.
 
 With ``op: {fixed_shapes: true}`` in the config, the steering itself runs through the fixed-shape
-op (``steering/fixed.py``): persistent tables filled before the math, the shapes CUDA graphs need.
-Limitations, stated: the op is still called from Python every step, so it is not yet captured
-inside CUDA graphs, and the V2 model runner that GPUs default to is not patched (run GPUs with
-VLLM_USE_V2_MODEL_RUNNER=0).
+op (``steering/fixed.py``): persistent tables filled before the forward, the shapes CUDA graphs
+need. The V2 model runner that GPUs default to is patched in ``vllm_v2.py`` and always runs that
+op, inside its CUDA graphs.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from sae_serve.sae.model import FeatureSubset
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
 from sae_serve.steering.fixed import Capacity, FixedTables, fits, fixed_readout, steer_fixed_
 from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
-from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
+from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, prepare_all
 from sae_serve.steering.spec import RequestSpec, resolve
 
 logger = logging.getLogger(__name__)
@@ -56,12 +55,28 @@ WORKER_METHOD = "sae_serve_pop_readouts"
 _SITES: dict[int, tuple[SteeringRuntime, LoadedSae]] = {}
 
 
+@dataclass(frozen=True)
+class StepBatch:
+    """A forward step's requests as either model runner describes them."""
+
+    req_ids: list[str]
+    query_start_loc: list[int]  # (n + 1,) row boundaries of each request's tokens
+    computed: list[int]  # tokens of each request already in the KV cache
+    prompt_lens: list[int]
+
+    def layout(self) -> list[RequestRows]:
+        qsl = self.query_start_loc
+        return [RequestRows(qsl[i], qsl[i + 1], self.computed[i], self.prompt_lens[i])
+                for i in range(len(self.req_ids))]
+
+
 @dataclass
 class _Step:
     plans: list[dict[str, RequestPlan]]  # per request: its prepared work by SAE name
     layout: list[RequestRows]
     keys: list[str | None]
     tokens: int  # real (unpadded) rows in the step
+    segments: dict[str, SaePlan]  # per SAE: the work of the segment path (the fixed op's is in its tables)
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,8 @@ class SteeringRuntime:
     metrics: WorkerMetrics | None = None
     watches: dict[str, _Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
+    graph_mode: bool = False  # CUDA graphs (V2 runner): the op runs the fixed tables only, every step
+    pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
 
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
@@ -118,23 +135,66 @@ class SteeringRuntime:
         return self.resolved[req_id]
 
     def begin_step(self, runner: Any) -> None:
-        """Map the runner's batch to rows; leave ``step`` None when nobody steers or reads."""
+        """The V1 runner's batch, before its forward."""
         batch = runner.input_batch
         n = batch.num_reqs
         req_ids = list(batch.req_ids[:n])
-        for gone in set(self.resolved) - set(runner.requests):
+        step = StepBatch(req_ids, runner.query_start_loc.cpu[: n + 1].tolist(),
+                         [int(c) for c in batch.num_computed_tokens_cpu[:n]],
+                         [runner.requests[rid].num_prompt_tokens for rid in req_ids])
+        params = {rid: runner.requests[rid].sampling_params for rid in req_ids}
+        self.plan_step(step, {rid: p.extra_args if p else None for rid, p in params.items()}, runner.requests)
+
+    def plan_step(self, batch: StepBatch, extra_args: dict[str, dict[str, Any] | None], live: Any) -> None:
+        """Map a step's requests to rows and fill the fixed op's tables; ``step`` stays None when
+        nobody steers or reads. ``live``: the ids of the runner's current requests."""
+        self.collect_fixed_readouts()
+        for gone in set(self.resolved) - set(live):
             del self.resolved[gone]
-        resolved = [self._resolve(rid, runner.requests[rid].sampling_params.extra_args
-                                  if runner.requests[rid].sampling_params else None) for rid in req_ids]
-        if n == 0 or (self.metrics is None and not any(plans for _, plans in resolved)):
-            self.step = None
-            return
-        qsl = runner.query_start_loc.cpu[: n + 1].tolist()
-        layout = [RequestRows(qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
-                              runner.requests[rid].num_prompt_tokens) for i, rid in enumerate(req_ids)]
-        self.step = _Step([plans for _, plans in resolved], layout, [key for key, _ in resolved], qsl[n])
+        resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
+        plans, keys = [p for _, p in resolved], [k for k, _ in resolved]
+        self.step = None
+        if batch.req_ids and (self.metrics is not None or any(plans)):
+            layout = batch.layout()
+            self.step = _Step(plans, layout, keys, batch.query_start_loc[-1], {})
+            for name in self.saes:
+                self.step.segments[name] = self._split(name, build_plan([p.get(name) for p in plans], layout), keys)
+        elif self.graph_mode:
+            for tables in self.tables.values():
+                tables.fill(())
+
+    def _split(self, name: str, plan: SaePlan, keys: list[str | None]) -> SaePlan:
+        """Put what fits into the fixed op's tables; return the rest, for the segment path."""
+        tables = self.tables.get(name)
+        if tables is None:
+            return plan
+        fixed = tuple(seg for seg in plan if fits(seg.plan, tables.capacity))
+        rest = tuple(seg for seg in plan if not fits(seg.plan, tables.capacity))
+        if self.graph_mode and rest:  # a captured graph cannot run the segment path
+            for seg in rest:
+                self.errors[str(keys[seg.request])] = (f"SAE {name!r}: this request needs the segment path (top-k "
+                                                       "readout or too many features), which CUDA graphs cannot run")
+            rest = ()
+        tables.fill(fixed)
+        self.pending += [(key, name, seg) for seg in fixed if seg.plan.reads and (key := keys[seg.request])]
+        return rest
+
+    def collect_fixed_readouts(self) -> None:
+        """Readouts the fixed op wrote during the last forward."""
+        for key, name, seg in self.pending:
+            self._store(key, name, fixed_readout(self.tables[name], seg))
+        self.pending.clear()
+
+    def _store(self, key: str, sae: str, acts: FeatureActivations) -> None:
+        self.readouts.setdefault(key, {}).setdefault(sae, []).append(acts)
+        self.readouts.move_to_end(key)
+        while len(self.readouts) > MAX_PENDING_READOUTS:  # never fetched: drop the oldest
+            self.readouts.popitem(last=False)
 
     def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        if self.graph_mode:  # the same kernels every step, on whatever the tables hold
+            steer_fixed_(hidden, residual, loaded.sae, self.tables[loaded.name])
+            return
         step = self.step
         if step is None:
             return
@@ -144,32 +204,18 @@ class SteeringRuntime:
             stream = hidden[: step.tokens] + residual[: step.tokens]
             self.metrics.observe_features(loaded.name, watch.names, loaded.sae.encode_subset(stream, watch.subset),
                                           watch.thresholds)
-        self._steer(loaded, hidden, residual, step)
+        tables = self.tables.get(loaded.name)
+        if tables is not None and tables.filled:
+            steer_fixed_(hidden, residual, loaded.sae, tables)
+        for index, acts in apply_plan_split_(hidden, residual, loaded.sae, step.segments[loaded.name]).items():
+            if step.keys[index] is not None:
+                self._store(step.keys[index], loaded.name, acts)
         if self.metrics is not None:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
 
-    def _steer(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor, step: _Step) -> None:
-        plan = build_plan([p.get(loaded.name) for p in step.plans], step.layout)
-        if not plan:
-            return
-        readouts, tables = {}, self.tables.get(loaded.name)
-        if tables is not None:  # the fixed-shape op for what fits it, the segment path for the rest
-            fixed = tuple(seg for seg in plan if fits(seg.plan, tables.capacity))
-            plan = tuple(seg for seg in plan if not fits(seg.plan, tables.capacity))
-            tables.fill(fixed)
-            steer_fixed_(hidden, residual, loaded.sae, tables)
-            readouts = {seg.request: fixed_readout(tables, seg) for seg in fixed if seg.plan.reads}
-        readouts.update(apply_plan_split_(hidden, residual, loaded.sae, plan))
-        for index, acts in readouts.items():
-            key = step.keys[index]
-            if key is not None:
-                self.readouts.setdefault(key, {}).setdefault(loaded.name, []).append(acts)
-                self.readouts.move_to_end(key)
-        while len(self.readouts) > MAX_PENDING_READOUTS:  # never fetched: drop the oldest
-            self.readouts.popitem(last=False)
-
     def pop_readouts(self, keys: list[str]) -> dict[str, Any]:
         """Readouts of ``keys`` as plain lists (they cross process boundaries), and errors."""
+        self.collect_fixed_readouts()
         out: dict[str, Any] = {}
         for key in keys:
             by_sae = self.readouts.pop(key, {})
@@ -231,22 +277,29 @@ def runner_config(runner: Any) -> SaeServeConfig | None:
                             f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
 
 
-def attach(runner: Any) -> SteeringRuntime | None:
-    """Load the configured SAEs beside ``runner.model`` and wrap their layers."""
+def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
+    """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
+    V2 runner): every SAE runs on the fixed-shape op, every step."""
     config = runner_config(runner)
     if config is None or not config.saes:
         return None
     hf = runner.model_config.hf_config
     registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
     registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
-    runtime = SteeringRuntime(registry)
-    if config.metrics.enabled:
+    runtime = SteeringRuntime(registry, graph_mode=graph_mode)
+    if config.metrics.enabled and graph_mode:
+        logger.warning("sae_serve: feature monitoring is not available on vLLM's V2 runner yet; metrics are off")
+    elif config.metrics.enabled:
         runtime.enable_metrics(worker_metrics(), config.metrics.firing_fraction_of_max)
-    if config.op.fixed_shapes:
+    if config.op.fixed_shapes or graph_mode:
         sched = runner.vllm_config.scheduler_config
         capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
+        topk = [name for name, loaded in registry.saes.items() if loaded.sae.cfg.architecture == "topk"]
+        if graph_mode and topk:
+            raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: vLLM's V2 runner (CUDA "
+                                "graphs) cannot run it; use VLLM_USE_V2_MODEL_RUNNER=0 or a relu/jumprelu SAE")
         runtime.tables = {name: FixedTables(loaded.sae, capacity) for name, loaded in registry.saes.items()
-                          if loaded.sae.cfg.architecture != "topk"}
+                          if name not in topk}
     layers = runner.model.model.layers
     for loaded in registry.saes.values():
         index = _site_layer(loaded)
@@ -303,8 +356,11 @@ def _patch_runner() -> None:
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point; safe to call again in any process."""
+    from sae_serve.engines.vllm_v2 import patch_v2_runner
+
     try:
         _patch_runner()
+        patch_v2_runner()
     except ImportError as exc:  # a vLLM without the V1 runner: say so, do not half-load
         raise SaeServeError(f"sae_serve needs vLLM's V1 model runner: {exc}") from exc
 

@@ -98,6 +98,11 @@ class FixedTables:
             self.vectors[1:len(vectors) + 1] = torch.stack(vectors)
         self._filled = rows
 
+    @property
+    def filled(self) -> bool:
+        """Whether the last fill wrote any request (else the op would add only zeros)."""
+        return self._filled > 0
+
     def _reset(self, rows: int) -> None:
         """Make the rows the previous step wrote beyond ``rows`` no-ops again."""
         if self._filled > rows:

@@ -16,9 +16,10 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sae_serve.sae.model import SaeConfig, SparseAutoencoder, build_sae
@@ -88,6 +89,26 @@ class StepStats:
     dead_fraction: float
 
 
+class SparseCodes(NamedTuple):
+    """Active features of a batch, row by row: ``counts[i]`` (index, value) pairs for row i."""
+
+    indices: torch.Tensor  # (nnz,) feature indices, rows in order
+    values: torch.Tensor  # (nnz,)
+    counts: torch.Tensor  # (batch,)
+
+    def embed(self, weight: torch.Tensor) -> torch.Tensor:
+        """sum_j values_j * weight[indices_j] per row: (batch, weight columns)."""
+        offsets = torch.cumsum(self.counts, 0) - self.counts
+        return F.embedding_bag(self.indices, weight, offsets, mode="sum", per_sample_weights=self.values)
+
+    def fired(self, d_sae: int) -> torch.Tensor:
+        """(d_sae,) bool: features active on some row."""
+        return torch.bincount(self.indices[self.values > 0], minlength=d_sae) > 0
+
+    def l0(self) -> float:
+        return float((self.values > 0).sum()) / len(self.counts)
+
+
 class TrainingSae(nn.Module):
     """The trainable twin of ``SparseAutoencoder``, on normalised inputs."""
 
@@ -114,25 +135,37 @@ class TrainingSae(nn.Module):
         return (x - self.b_dec if self.uses_pre_bias else x) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """(batch, d_sae) activations under the training-time sparsity rule."""
-        arch, k = self.cfg.architecture, self.cfg.k
-        if arch == "relu":
+        """(batch, d_sae) activations under the training-time sparsity rule (dense)."""
+        if self.cfg.architecture == "relu":
             return torch.relu(pre)
+        codes = self.codes(pre)
+        rows = torch.repeat_interleave(torch.arange(pre.shape[0], device=pre.device), codes.counts)
+        return torch.zeros_like(pre).index_put_((rows, codes.indices), codes.values)
+
+    def codes(self, pre: torch.Tensor) -> SparseCodes:
+        """topk / batchtopk: each row's active features as (indices, values) bags."""
+        arch, k, batch = self.cfg.architecture, self.cfg.k, pre.shape[0]
         if arch == "topk":
             top = pre.topk(k, dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
-        flat = torch.relu(pre).flatten()
-        top = flat.topk(k * pre.shape[0])
-        acts = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(pre)
+            counts = torch.full((batch,), k, dtype=torch.long, device=pre.device)
+            return SparseCodes(top.indices.flatten(), torch.relu(top.values).flatten(), counts)
+        top = torch.relu(pre).flatten().topk(k * batch)
+        flat, order = top.indices.sort()  # row-major, so each row's features form one bag
+        values = top.values[order]
         if self.training:  # the export threshold: running mean of the smallest kept activation
-            kept = top.values[top.values > 0]
+            kept = values[values > 0]
             if kept.numel():
                 self.threshold_sum += kept.min().detach()
                 self.threshold_count += 1
-        return acts
+        counts = torch.bincount(flat // self.cfg.d_sae, minlength=batch)
+        return SparseCodes(flat % self.cfg.d_sae, values, counts)
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec
+
+    def decode_codes(self, codes: SparseCodes) -> torch.Tensor:
+        """The decoder on sparse codes: k rows of W_dec per token instead of a dense matmul."""
+        return codes.embed(self.W_dec) + self.b_dec
 
 
 def _aux_loss(sae: TrainingSae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
@@ -142,11 +175,10 @@ def _aux_loss(sae: TrainingSae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch
     if n_dead == 0:
         return x.new_zeros(())
     k_aux = min(x.shape[1] // 2, n_dead)
-    masked = torch.where(dead, pre, -torch.inf)
-    top = masked.topk(k_aux, dim=-1)
-    aux = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    top = torch.where(dead, pre, -torch.inf).topk(k_aux, dim=-1)
+    counts = torch.full((x.shape[0],), k_aux, dtype=torch.long, device=x.device)
+    recon = SparseCodes(top.indices.flatten(), torch.relu(top.values).flatten(), counts).embed(sae.W_dec)
     residual = (x - x_hat).detach()
-    recon = aux @ sae.W_dec
     return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-8)
 
 
@@ -173,19 +205,23 @@ class Trainer:
         return self.cfg.l1_coefficient * min(1.0, (step + 1) / warmup)
 
     # --- one step, as a list of named parts -----------------------------------------------------
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total loss, activations, squared error per token)."""
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
+        """(total loss, features fired in the batch, L0, squared error per token)."""
         sae = self.sae
         pre = sae.pre_activations(x)
-        acts = sae.activate(pre)
-        x_hat = sae.decode(acts)
-        sq_err = (x - x_hat).pow(2).sum(-1)
         if self.cfg.architecture == "relu":
+            acts = sae.activate(pre)
+            sq_err = (x - sae.decode(acts)).pow(2).sum(-1)
             sparsity = (acts * sae.W_dec.norm(dim=1)).sum(-1).mean()
-            return sq_err.mean() + self.l1_at(self.step) * sparsity, acts, sq_err
+            loss = sq_err.mean() + self.l1_at(self.step) * sparsity
+            return loss, (acts > 0).any(0), float((acts > 0).float().sum(-1).mean()), sq_err
+        codes = sae.codes(pre)  # k active features per token: decode sparsely, not with a dense matmul
+        x_hat = sae.decode_codes(codes)
+        sq_err = (x - x_hat).pow(2).sum(-1)
         dead = self.tokens_since_fired >= self.cfg.dead_after_tokens
         aux = _aux_loss(sae, x, x_hat, pre, dead)
-        return sq_err.mean() / x.pow(2).sum(-1).mean() + self.cfg.aux_coefficient * aux, acts, sq_err
+        loss = sq_err.mean() / x.pow(2).sum(-1).mean() + self.cfg.aux_coefficient * aux
+        return loss, codes.fired(self.cfg.d_sae), codes.l0(), sq_err
 
     def _unit_norm_decoder(self) -> None:
         """TopK/BatchTopK keep decoder rows at unit norm; drop the gradient along them first."""
@@ -199,7 +235,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> StepStats:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss, acts, sq_err = self.loss(x)
+        loss, fired, l0, sq_err = self.loss(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
@@ -207,13 +243,11 @@ class Trainer:
             self.optimizer.step()
         else:
             self._unit_norm_decoder()
-        fired = (acts > 0).any(0)
         self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + x.shape[0])
         self.step += 1
         with torch.no_grad():
             total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
-            return StepStats(self.step, float(loss), float(sq_err.mean() / total_var),
-                             float((acts > 0).float().sum(-1).mean()),
+            return StepStats(self.step, float(loss), float(sq_err.mean() / total_var), l0,
                              float((self.tokens_since_fired >= self.cfg.dead_after_tokens).float().mean()))
 
     def fit(self, batches: Iterator[torch.Tensor], log_every: int = 50, until: int | None = None,

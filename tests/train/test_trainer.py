@@ -85,3 +85,20 @@ def test_checkpoint_resume_is_exact(tmp_path: Path) -> None:
     other = Trainer(TrainConfig("topk", d_sae=32, total_tokens=256 * 20, batch_size=256, k=4), D)
     with pytest.raises(ValueError, match="another config"):
         other.load_checkpoint(tmp_path / "ck.pt")
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_decoding_equals_the_dense_decoder_with_the_same_gradients(arch: str) -> None:
+    """Training decodes k rows of W_dec per token; it must be the dense decoder, value and gradient."""
+    sae = Trainer(TrainConfig(arch, d_sae=48, total_tokens=64, batch_size=64, k=4, seed=1), D).sae
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(2))
+    sparse = sae.decode_codes(sae.codes(sae.pre_activations(x)))
+    sparse.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in (sae.W_enc, sae.W_dec)]
+    sae.zero_grad()
+    dense = sae.decode(sae.activate(sae.pre_activations(x)))
+    dense.pow(2).sum().backward()
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    for got, p in zip(grads, (sae.W_enc, sae.W_dec), strict=True):
+        torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4)
+    assert (sae.activate(sae.pre_activations(x)) > 0).sum() <= 4 * 64

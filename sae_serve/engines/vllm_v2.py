@@ -1,0 +1,77 @@
+"""The plugin on vLLM's V2 model runner, the one GPUs use by default.
+
+V2 has no per-step hook around the forward, and it replays CUDA graphs, in which Python in the
+op never runs. So, after the model loads:
+- the runner's ModelState (vLLM's extension point) is wrapped: ``add_request`` and
+  ``remove_request`` keep each request's extra_args and prompt length, and ``prepare_inputs``,
+  called before every forward, graph replays included, maps the batch to rows and fills the
+  fixed-shape op's tables (``steering/fixed.py``);
+- the runtime runs in ``graph_mode``: the op runs the tables' kernels every step, so a captured
+  graph replays the steering of whatever requests the next step holds.
+What needs variable shapes cannot run here: a TopK SAE refuses to load on this path, and a
+request asking for a top-k readout or more features than ``op.slots`` is not steered and gets
+an error in its readout (the API servers refuse the latter up front). Feature monitoring for
+Prometheus is not wired on this path yet. GPU-only: ``bench/gpu_check.py`` proves it on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae_serve.engines.vllm_plugin import SteeringRuntime, StepBatch, attach
+
+
+def step_batch(input_batch: Any, prompt_lens: dict[str, int]) -> StepBatch:
+    """The V2 runner's InputBatch (batch order, unpadded) as the runtime's StepBatch."""
+    n = input_batch.num_reqs
+    req_ids = list(input_batch.req_ids[:n])
+    return StepBatch(req_ids, [int(q) for q in input_batch.query_start_loc_np[: n + 1]],
+                     [int(c) for c in input_batch.num_computed_tokens_np[:n]], [prompt_lens[r] for r in req_ids])
+
+
+class SteeringModelState:
+    """vLLM's own ModelState, plus the bookkeeping the steering runtime needs."""
+
+    def __init__(self, inner: Any, runtime: SteeringRuntime) -> None:
+        self._inner = inner
+        self._runtime = runtime
+        self._extra_args: dict[str, dict[str, Any] | None] = {}
+        self._prompt_lens: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:  # everything else is vLLM's
+        return getattr(self._inner, name)
+
+    def add_request(self, req_index: int, new_req_data: Any) -> None:
+        params = new_req_data.sampling_params
+        self._extra_args[new_req_data.req_id] = params.extra_args if params is not None else None
+        self._prompt_lens[new_req_data.req_id] = len(new_req_data.prompt_token_ids or ())
+        self._inner.add_request(req_index, new_req_data)
+
+    def remove_request(self, req_id: str) -> None:
+        self._extra_args.pop(req_id, None)
+        self._prompt_lens.pop(req_id, None)
+        self._inner.remove_request(req_id)
+
+    def prepare_inputs(self, input_batch: Any, req_states: Any) -> dict[str, Any]:
+        self._runtime.plan_step(step_batch(input_batch, self._prompt_lens), self._extra_args, self._extra_args)
+        return self._inner.prepare_inputs(input_batch, req_states)
+
+
+def patch_v2_runner() -> None:
+    """Wrap the V2 runner's load_model; a vLLM without the V2 runner is left alone."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    except ImportError:
+        return
+    if getattr(V2Runner, "_sae_serve_patched", False):
+        return
+    original = V2Runner.load_model
+
+    def load_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        self._sae_serve = attach(self, graph_mode=True)
+        if self._sae_serve is not None:
+            self.model_state = SteeringModelState(self.model_state, self._sae_serve)
+
+    V2Runner.load_model = load_model
+    V2Runner._sae_serve_patched = True
