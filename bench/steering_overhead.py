@@ -10,6 +10,7 @@ Cases (all requests submitted together, greedy, 64 new tokens each):
   watch32     every request reads 32 features on every token
   topk8       every request reads its top 8 features on every token (a full encode)
   monitor4    a third engine with metrics on: the SAE's 4-feature watchlist on every token, nobody steers
+  clamp8_fixed, distinct256_fixed   a fourth engine on the fixed-shape op (op.fixed_shapes, 16 slots)
 Each round runs plain vLLM and every case back to back (A B A B); the ratio of output tokens/s to
 plain is taken per round and the median reported. Added time to first token: the same batch with
 max_tokens=1 (prefill and one token), case minus plain, in ms for the whole batch.
@@ -68,7 +69,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from sae_serve.config import MetricsConfig, SaeServeConfig
+    from sae_serve.config import MetricsConfig, OpConfig, SaeServeConfig
     from sae_serve.data import DEFAULT_SAE_DIR
     from sae_serve.engines.vllm_offline import SteeredLLM
     from sae_serve.models import prepare_model
@@ -80,11 +81,14 @@ def main() -> None:
     saes = (SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),)
     steered = SteeredLLM(model, SaeServeConfig(saes=saes), **kwargs)
     monitored = SteeredLLM(model, SaeServeConfig(saes=saes, metrics=MetricsConfig(enabled=True)), **kwargs)
+    fixed = SteeredLLM(model, SaeServeConfig(saes=saes, op=OpConfig(fixed_shapes=True)), **kwargs)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1)
     workload = cases(args.requests)
     runs = {name: (steered, specs) for name, specs in workload.items()}
     runs["monitor4"] = (monitored, workload["idle"])
+    runs["clamp8_fixed"] = (fixed, workload["clamp8"])
+    runs["distinct256_fixed"] = (fixed, workload["distinct256"])
 
     def seconds(run) -> float:
         start = time.perf_counter()
@@ -94,6 +98,7 @@ def main() -> None:
     plain.generate(prompts(256), params, use_tqdm=False)  # warm-up every engine and batch size
     steered.generate(prompts(256), workload["distinct256"], params)
     monitored.generate(prompts(args.requests), workload["idle"], params)
+    fixed.generate(prompts(256), workload["distinct256"], params)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     added_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
     plain_rates = []

@@ -1,5 +1,6 @@
 """sae_serve on vLLM against the research tools' path: a transformers model with a forward hook and
-HF generate (the pattern of Neuronpedia's HF path and of hook-based steering libraries).
+HF generate (the pattern of Neuronpedia's HF path and of `steering-vectors`, whose transformers < 5
+pin rules out importing it here).
 
     python bench/vs_hf_hooks.py [--rounds 3] [--concurrency 1,8,32]
 

@@ -91,3 +91,18 @@ def test_policy_in_the_config_file(tmp_path, config_for) -> None:
     path.write_text('{"policy": {"max_abs_value": -1}}')
     with pytest.raises(SaeFormatError, match="field policy.max_abs_value"):
         load_config(path)
+
+
+def test_the_fixed_op_capacity_is_refused_naming_the_field(tmp_path) -> None:
+    from sae_serve.config import OpConfig
+    from sae_serve.errors import SpecError
+
+    save_sae(make_sae("relu", 16, 64), tmp_path / "s")
+    service = SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),),
+                                             op=OpConfig(fixed_shapes=True, slots=2)))
+    two = {"steering": {"interventions": [{"sae": "l1", "feature": f, "mode": "add", "value": 1.0} for f in (1, 2)]}}
+    assert service.prepare(RequestSpec.model_validate(two)) is not None
+    three = {**two, "return_features": {"sae": "l1", "features": [3]}}  # edits and reads share the slots
+    with pytest.raises(SpecError) as info:
+        service.prepare(RequestSpec.model_validate(three))
+    assert info.value.field == "steering.interventions" and "capacity of 2" in str(info.value)
