@@ -101,6 +101,7 @@ def main() -> None:
     fixed.generate(prompts(256), workload["distinct256"], params)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     added_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
+    plain_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
     plain_rates = []
     for _ in range(args.rounds):
         for name, (engine, specs) in runs.items():
@@ -112,6 +113,7 @@ def main() -> None:
             base = seconds(lambda t=texts: plain.generate(t, first, use_tqdm=False))
             case = seconds(lambda e=engine, t=texts, s=specs: e.generate(t, s, first))
             added_ttft_ms[name].append(1000 * (case - base))
+            plain_ttft_ms[name].append(1000 * base)
     result = {
         "bench": "steering_overhead", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "mode": "eager" if args.eager else "compiled",
@@ -120,6 +122,7 @@ def main() -> None:
         "ratio_to_plain": {name: round(statistics.median(r), 3) for name, r in ratios.items()},
         "ratios_per_round": {name: [round(x, 3) for x in r] for name, r in ratios.items()},
         "added_ttft_ms_per_batch": {name: round(statistics.median(r), 1) for name, r in added_ttft_ms.items()},
+        "plain_ttft_ms_per_batch": {name: round(statistics.median(r), 1) for name, r in plain_ttft_ms.items()},
     }
     print(json.dumps(result, indent=1))
     with (Path(__file__).parent / "results" / "steering_overhead.jsonl").open("a") as f:
