@@ -11,7 +11,10 @@ op never runs. So, after the model loads:
 What needs variable shapes cannot run here: a TopK SAE refuses to load on this path, and a
 request asking for a top-k readout or more features than ``op.slots`` is not steered and gets
 an error in its readout (the API servers refuse the latter up front). Feature monitoring for
-Prometheus is not wired on this path yet. GPU-only: ``bench/gpu_check.py`` proves it on a GPU.
+Prometheus is not wired on this path yet. The tables are written with copies on the current
+CUDA stream, which orders them after the previous step's kernels when vLLM schedules ahead on the
+same stream (unverified: on another stream they would need an event, and the isolation check of
+``bench/gpu_check.py`` would fail). GPU-only: ``bench/gpu_check.py`` proves it on a GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ def step_batch(input_batch: Any, prompt_lens: dict[str, int]) -> StepBatch:
 
 
 class SteeringModelState:
-    """vLLM's own ModelState, plus the bookkeeping the steering runtime needs."""
+    """vLLM's own ModelState, plus the bookkeeping the steering runtime needs. Every other
+    attribute, read or written (vLLM resets some on the state), is vLLM's state's."""
+
+    _OWN = frozenset({"_inner", "_runtime", "_extra_args", "_prompt_lens"})
 
     def __init__(self, inner: Any, runtime: SteeringRuntime) -> None:
         self._inner = inner
@@ -38,8 +44,14 @@ class SteeringModelState:
         self._extra_args: dict[str, dict[str, Any] | None] = {}
         self._prompt_lens: dict[str, int] = {}
 
-    def __getattr__(self, name: str) -> Any:  # everything else is vLLM's
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)
 
     def add_request(self, req_index: int, new_req_data: Any) -> None:
         params = new_req_data.sampling_params

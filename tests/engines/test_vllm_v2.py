@@ -69,6 +69,8 @@ def test_prepare_inputs_plans_the_step_and_the_graph_op_steers_only_its_rows() -
     state.add_request(1, _new("b", None, prompt=3))
     assert state.prepare_inputs(_batch(["a", "b"], [0, 4, 7], [0, 0]), None) == {"positions": "vllm's"}
     assert inner.calls == ["add a", "add b", "prepare"] and state.supports_mm_inputs is False
+    state._mamba_ctx = None  # vLLM resets attributes on its state: they must reach it
+    assert inner._mamba_ctx is None and "_mamba_ctx" not in vars(state)
     sae = registry.saes["s"].sae
     g = torch.Generator().manual_seed(0)
     hidden, residual = torch.randn(8, D_IN, generator=g), torch.randn(8, D_IN, generator=g)  # row 7: padding
