@@ -49,9 +49,10 @@ class OpConfig(BaseModel):
         for sae in request.sae_names():
             edited = request.edits[sae].features if sae in request.edits else ()
             read = readout.features if readout is not None and readout.sae == sae and readout.features else ()
-            if len(set(edited) | set(read)) > self.slots:
-                raise SpecError("steering.interventions", f"{len(set(edited) | set(read))} features on SAE {sae!r} "
-                                f"exceed this server's capacity of {self.slots} per request (config op.slots)")
+            named = len(set(edited) | set(read))  # edits and reads share the slots, as in the plan's features
+            if named > self.slots:
+                raise SpecError("steering.interventions", f"{named} features on SAE {sae!r} exceed this "
+                                f"server's capacity of {self.slots} per request (config op.slots)")
 
 
 class SaeServeConfig(RegistryConfig):

@@ -25,7 +25,7 @@ import torch
 
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
-from sae_serve.steering.hook import FeatureActivations
+from sae_serve.steering.hook import FeatureActivations, read_features
 from sae_serve.steering.plan import RequestPlan, SaePlan, Segment
 
 
@@ -130,7 +130,4 @@ def steer_fixed_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoen
 
 def fixed_readout(tables: FixedTables, seg: Segment) -> FeatureActivations:
     """A reading request's activations, from the slots the op wrote (slot order is plan order)."""
-    p = seg.plan
-    values = tables.activations[seg.rows.start:seg.rows.end, p.read_columns]
-    indices = p.features[p.read_columns].expand(values.shape[0], -1)
-    return FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
+    return read_features(seg, tables.activations[seg.rows.start:seg.rows.end])

@@ -50,11 +50,18 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
     if plan.reads:
         if plan.top_k is not None and full is not None:
             values, indices = torch.topk(full, k=min(plan.top_k, full.shape[1]), dim=1)
+            readout = FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
         else:
-            values = acts[:, plan.read_columns]
-            indices = plan.features[plan.read_columns].expand(values.shape[0], -1)
-        readout = FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
+            readout = read_features(seg, acts)
     return delta, first, readout
+
+
+def read_features(seg: Segment, acts: torch.Tensor) -> FeatureActivations:
+    """The request's listed features from ``acts`` (rows, its features in plan order)."""
+    plan = seg.plan
+    values = acts[:, plan.read_columns]
+    indices = plan.features[plan.read_columns].expand(values.shape[0], -1)
+    return FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
 
 
 def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> HookResult:
