@@ -21,3 +21,8 @@ def grpc_address() -> tuple[str, int] | None:
     """SAE_SERVE_GRPC_HOST / SAE_SERVE_GRPC_PORT: where the API server also serves gRPC (unset: no gRPC)."""
     port = os.environ.get("SAE_SERVE_GRPC_PORT")
     return (os.environ.get("SAE_SERVE_GRPC_HOST", "127.0.0.1"), int(port)) if port else None
+
+
+def vllm_api_key() -> str | None:
+    """vLLM's own VLLM_API_KEY (the HTTP key when --api-key is not given), which gRPC takes too."""
+    return os.environ.get("VLLM_API_KEY") or None

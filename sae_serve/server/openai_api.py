@@ -11,7 +11,6 @@ steering applied. GET /v1/saes and /v1/features/{sae}/{feature} describe what is
 
 
 import json
-import os
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -147,4 +146,4 @@ class SaeServeEndpoints:
 
 def api_keys(args: Namespace) -> tuple[str, ...]:
     """vLLM's HTTP keys: --api-key, else the VLLM_API_KEY environment variable."""
-    return tuple(k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k)
+    return tuple(k for k in (getattr(args, "api_key", None) or [envs.vllm_api_key()]) if k)
