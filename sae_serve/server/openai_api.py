@@ -93,6 +93,8 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
         for i, event in enumerate(events):
             if finished or not event.startswith("data: {"):
                 continue
+            if prepared.readout_sae is None and '"finish_reason":"' not in event.replace(" ", ""):
+                continue  # a request that only steers needs only its final event parsed
             body = json.loads(event.removeprefix("data: "))
             finished = any(choice.get("finish_reason") for choice in body.get("choices", []))
             features = await service.activations(engine_client, prepared)
