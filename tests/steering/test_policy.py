@@ -94,8 +94,8 @@ def test_policy_in_the_config_file(tmp_path, config_for) -> None:
 
 
 def test_the_fixed_op_capacity_is_refused_naming_the_field(tmp_path) -> None:
-    from sae_serve.config import OpConfig
-    from sae_serve.errors import SpecError
+    from sae_serve.config import OpConfig, load_config
+    from sae_serve.errors import SaeFormatError, SpecError
 
     save_sae(make_sae("relu", 16, 64), tmp_path / "s")
     service = SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),),
@@ -106,3 +106,6 @@ def test_the_fixed_op_capacity_is_refused_naming_the_field(tmp_path) -> None:
     with pytest.raises(SpecError) as info:
         service.prepare(RequestSpec.model_validate(three))
     assert info.value.field == "steering.interventions" and "capacity of 2" in str(info.value)
+    (tmp_path / "bad.json").write_text('{"op": {"fixed_shapes": true, "slots": 0}}')
+    with pytest.raises(SaeFormatError, match="field op.slots"):
+        load_config(tmp_path / "bad.json")
