@@ -38,6 +38,8 @@ def timed(fn, reps: int) -> float:
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -48,10 +50,12 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=576)
     parser.add_argument("--features", type=int, default=8, help="|S|, features clamped")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--device", default="cpu", help="cuda: the SAE and activations on the GPU")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hook_kernel.jsonl"))
     args = parser.parse_args()
     rows = []
     for f in (4608, 16384, 65536, 262144):
-        sae = make(args.d_model, f)
+        sae = make(args.d_model, f).to(args.device)
         reg = registry_of({"s": sae})
         clamp = [{"sae": "s", "feature": i * (f // args.features), "mode": "clamp", "value": 1.0}
                  for i in range(args.features)]
@@ -59,7 +63,7 @@ def main() -> None:
         full = resolve(RequestSpec.model_validate({"steering": {"interventions": clamp},
                                                    "return_features": {"sae": "s", "top_k": 1}}), reg)
         layout = [RequestRows(0, args.tokens, 0, args.tokens)]
-        x = torch.randn(args.tokens, args.d_model)
+        x = torch.randn(args.tokens, args.d_model, device=args.device)
         plans = {"subset": build_plan([prepare("s", subset, sae)], layout),
                  "full": build_plan([prepare("s", full, sae)], layout)}
         for plan in plans.values():
@@ -74,8 +78,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     result = {"bench": "hook_kernel", "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "tokens": args.tokens, "d_model": args.d_model, "features_clamped": args.features,
-              "threads": torch.get_num_threads(), "rows": rows}
-    with (Path(__file__).parent / "results" / "hook_kernel.jsonl").open("a") as f:
+              "threads": torch.get_num_threads(), "rows": rows,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    with Path(args.out).open("a") as f:
         f.write(json.dumps(result) + "\n")
 
 

@@ -100,7 +100,7 @@ class SteeringRuntime:
     metrics: WorkerMetrics | None = None
     watches: dict[str, _Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
-    graph_mode: bool = False  # CUDA graphs (V2 runner): the op runs the fixed tables only, every step
+    graph_mode: bool = False  # CUDA graphs: the op runs the fixed tables only, every step
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
 
     def __post_init__(self) -> None:
@@ -277,18 +277,36 @@ def runner_config(runner: Any) -> SaeServeConfig | None:
                             f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
 
 
+def bind_site(runtime: SteeringRuntime, loaded: LoadedSae) -> int:
+    """The id the op is called with to steer ``loaded`` through ``runtime``."""
+    site = id(loaded)
+    _SITES[site] = (runtime, loaded)
+    return site
+
+
+def replays_cuda_graphs(runner: Any) -> bool:
+    """Whether the runner captures the forward in CUDA graphs (vLLM's default on GPUs unless
+    enforce_eager). Piecewise graphs capture the op too (it is not one of vLLM's splitting ops),
+    so the op's Python runs at capture only and the segment path would be silently skipped."""
+    mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
+    return torch.device(runner.device).type == "cuda" and mode is not None and mode.name != "NONE"
+
+
 def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
-    V2 runner): every SAE runs on the fixed-shape op, every step."""
+    V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
+    every step."""
     config = runner_config(runner)
     if config is None or not config.saes:
         return None
+    graph_mode = graph_mode or replays_cuda_graphs(runner)
     hf = runner.model_config.hf_config
     registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
     registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
     runtime = SteeringRuntime(registry, graph_mode=graph_mode)
     if config.metrics.enabled and graph_mode:
-        logger.warning("sae_serve: feature monitoring is not available on vLLM's V2 runner yet; metrics are off")
+        logger.warning("sae_serve: feature monitoring does not run inside CUDA graphs yet; metrics are off "
+                       "(the V1 runner with enforce_eager=True keeps them)")
     elif config.metrics.enabled:
         runtime.enable_metrics(worker_metrics(), config.metrics.firing_fraction_of_max)
     if config.op.fixed_shapes or graph_mode:
@@ -296,16 +314,14 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
         topk = [name for name, loaded in registry.saes.items() if loaded.sae.cfg.architecture == "topk"]
         if graph_mode and topk:
-            raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: vLLM's V2 runner (CUDA "
-                                "graphs) cannot run it; use VLLM_USE_V2_MODEL_RUNNER=0 or a relu/jumprelu SAE")
+            raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: CUDA graphs cannot run "
+                                "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
         runtime.tables = {name: FixedTables(loaded.sae, capacity) for name, loaded in registry.saes.items()
                           if name not in topk}
     layers = runner.model.model.layers
     for loaded in registry.saes.values():
         index = _site_layer(loaded)
-        site = id(loaded)
-        _SITES[site] = (runtime, loaded)
-        layers[index] = SteeredDecoderLayer(layers[index], site)
+        layers[index] = SteeredDecoderLayer(layers[index], bind_site(runtime, loaded))
         logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
     return runtime
 

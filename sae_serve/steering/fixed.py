@@ -79,11 +79,11 @@ class FixedTables:
                 raise CapacityError(f"request {seg.request} names {len(p.features)} features "
                                     f"(capacity {cap.slots} per request) or asks for a top-k readout")
             m = len(p.features)
-            index[start:end, :m] = p.features.cpu()
+            index[start:end, :m] = p.host.features
             first, last = seg.rows.scope(p.positions)
             if p.mult is not None:
-                mult[start + first:start + last, :m] = p.mult.cpu().float()
-                offset[start + first:start + last, :m] = p.offset.cpu().float()
+                mult[start + first:start + last, :m] = p.host.mult
+                offset[start + first:start + last, :m] = p.host.offset
             if p.vector is not None:
                 if len(vectors) == cap.requests:
                     raise CapacityError(f"more than {cap.requests} requests with steering vectors in one step")

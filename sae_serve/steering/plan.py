@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -46,6 +47,15 @@ class RequestRows:
         return {"all": (0, n), "prompt": (0, prompt_rows), "generated": (prompt_rows, n)}[positions]
 
 
+class HostSlots(NamedTuple):
+    """A plan's features and edit on the host, so that filling the fixed op's tables each step
+    never waits for the GPU (a device-to-host read would sync with the step still running)."""
+
+    features: torch.Tensor  # (m,) long
+    mult: torch.Tensor  # (m,) float64, 1 for read-only features and for plans that do not edit
+    offset: torch.Tensor  # (m,) float64
+
+
 @dataclass(frozen=True)
 class RequestPlan:
     """One request's work on one SAE, prepared once."""
@@ -59,6 +69,7 @@ class RequestPlan:
     positions: Positions  # which rows the edit covers
     top_k: int | None  # readout: the k most active features per row
     read_columns: torch.Tensor | None  # readout: columns of ``features`` to report
+    host: HostSlots  # ``features``, ``mult`` and ``offset`` on the host
 
     @property
     def steers(self) -> bool:
@@ -79,13 +90,15 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder) 
     read_list = readout.features if readout else None
     features = list(edit.features) if edit else []
     features += [f for f in read_list or () if f not in features]
-    index = torch.tensor(features, dtype=torch.long, device=device)
-    mult = offset = None
+    m = len(features)
+    host = HostSlots(torch.tensor(features, dtype=torch.long), torch.ones(m, dtype=torch.float64),
+                     torch.zeros(m, dtype=torch.float64))
     if edit is not None:
-        mult = torch.ones(len(features), dtype=dtype, device=device)
-        offset = torch.zeros(len(features), dtype=dtype, device=device)
-        mult[: len(edit.features)] = torch.tensor(edit.mult, dtype=dtype)
-        offset[: len(edit.features)] = torch.tensor(edit.offset, dtype=dtype)
+        host.mult[: len(edit.features)] = torch.tensor(edit.mult, dtype=torch.float64)
+        host.offset[: len(edit.features)] = torch.tensor(edit.offset, dtype=torch.float64)
+    index = host.features.to(device)
+    mult = None if edit is None else host.mult.to(device=device, dtype=dtype)
+    offset = None if edit is None else host.offset.to(device=device, dtype=dtype)
     column = {f: j for j, f in enumerate(features)}
     full = sae.cfg.architecture == "topk" or (readout is not None and readout.top_k is not None)
     return RequestPlan(
@@ -94,6 +107,7 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder) 
         vector=req.vectors[sae_name].to(device=device, dtype=dtype) if sae_name in req.vectors else None,
         positions=req.positions, top_k=readout.top_k if readout else None,
         read_columns=torch.tensor([column[f] for f in read_list], device=device) if read_list else None,
+        host=host,
     )
 
 

@@ -1,0 +1,169 @@
+"""What the CUDA-graph path promises: the steering op, captured once, replays the steering of
+whatever requests each later step holds, with the tables refilled before each replay as vLLM's
+runners do (the V2 ModelState's prepare_inputs, or V1's step hook, on the main stream, then the
+replay). Each step's rows must equal the eager segment path, and a request's rows must be
+bit-identical whatever its neighbours ask. On a GPU the op runs in a real torch.cuda.CUDAGraph;
+on a CPU (CI) the same steps run it eagerly, since graphs need a GPU. bench/README.md, "GPU",
+records the GPU run."""
+
+from __future__ import annotations
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sae_serve.engines.vllm_plugin import (
+    REQUEST_KEY,
+    SPEC_KEY,
+    SteeringRuntime,
+    StepBatch,
+    bind_site,
+    replays_cuda_graphs,
+)
+from sae_serve.steering.fixed import Capacity, FixedTables
+from sae_serve.steering.hook import apply_plan_split_
+from sae_serve.steering.plan import build_plan, prepare
+from sae_serve.steering.spec import RequestSpec, resolve
+from tests.steering.test_hook import D_IN, registry
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROWS = 32  # the captured batch: steps pad up to it
+
+
+class CapturedOp:
+    """The op over static (ROWS, D_IN) buffers, as a model runner's graph holds it."""
+
+    def __init__(self, site: int) -> None:
+        self.hidden = torch.zeros(ROWS, D_IN, device=DEVICE)
+        self.residual = torch.zeros(ROWS, D_IN, device=DEVICE)
+        self.site = site
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if DEVICE == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up off the capture stream, as torch requires
+                self._op()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._op()
+
+    def _op(self) -> None:
+        torch.ops.sae_serve.steer_(self.hidden, self.residual, self.site)
+
+    def __call__(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        self.hidden.copy_(hidden)
+        self.residual.copy_(residual)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._op()
+        return self.hidden.clone()
+
+
+def _random_spec(rng: random.Random) -> dict | None:
+    kind = rng.choice(["none", "clamp", "scale", "add", "vector", "read"])
+    if kind == "none":
+        return None
+    features = rng.sample(range(64), rng.randint(1, 3))
+    if kind == "vector":
+        steering = {"vectors": [{"name": "v", "coefficient": rng.uniform(-3, 3)}]}
+    elif kind == "read":
+        return {"return_features": {"sae": "s", "features": features}}
+    else:
+        value = {"clamp": rng.uniform(0, 8), "scale": rng.uniform(0, 3), "add": rng.uniform(-2, 2)}[kind]
+        steering = {"interventions": [{"sae": "s", "feature": f, "mode": kind, "value": value} for f in features]}
+    steering["positions"] = rng.choice(["all", "prompt", "generated"])
+    spec = {"steering": steering}
+    if rng.random() < 0.5:
+        spec["return_features"] = {"sae": "s", "features": features[:2]}
+    return spec
+
+
+def _step(rng: random.Random, tag: str) -> tuple[StepBatch, list[dict | None]]:
+    """A random mix of prefill chunks and decode tokens that fits ROWS - 1 rows (the rest: padding)."""
+    n = rng.randint(1, 5)
+    lengths = [rng.choice([1, 1, rng.randint(2, 6)]) for _ in range(n)]
+    qsl = [0]
+    for length in lengths:
+        qsl.append(qsl[-1] + length)
+    computed = [rng.randint(0, 6) for _ in range(n)]
+    prompt_lens = [c + rng.randint(0, 4) for c in computed]
+    specs = [_random_spec(rng) for _ in range(n)]
+    return StepBatch([f"{tag}-{i}" for i in range(n)], qsl, computed, prompt_lens), specs
+
+
+@pytest.fixture(scope="module")
+def graph():
+    reg = registry("jumprelu")
+    loaded = reg.saes["s"]
+    loaded.sae.to(DEVICE)
+    runtime = SteeringRuntime(reg, graph_mode=True)
+    runtime.tables = {"s": FixedTables(loaded.sae, Capacity(tokens=ROWS, slots=4, requests=8))}
+    return SimpleNamespace(reg=reg, runtime=runtime, op=CapturedOp(bind_site(runtime, loaded)))
+
+
+def _run(graph, batch: StepBatch, specs: list[dict | None], stream) -> tuple[torch.Tensor, dict]:
+    extra = {rid: {SPEC_KEY: json.dumps(spec), REQUEST_KEY: rid} if spec else None
+             for rid, spec in zip(batch.req_ids, specs, strict=True)}
+    graph.runtime.plan_step(batch, extra, batch.req_ids)
+    out = graph.op(*stream)
+    return out, graph.runtime.pop_readouts(batch.req_ids)
+
+
+def _eager(graph, batch: StepBatch, specs: list[dict | None], stream) -> tuple[torch.Tensor, dict]:
+    sae = graph.reg.saes["s"].sae
+    resolved = [resolve(RequestSpec.model_validate(s), graph.reg) if s else None for s in specs]
+    hidden = stream[0].clone()
+    readouts = apply_plan_split_(hidden, stream[1], sae, build_plan([prepare("s", r, sae) for r in resolved],
+                                                                    batch.layout()))
+    return hidden, {batch.req_ids[i]: acts for i, acts in readouts.items()}
+
+
+def test_replays_steer_each_step_as_the_eager_path_and_only_the_requests_rows(graph) -> None:
+    rng = random.Random(0)
+    for step in range(25):
+        batch, specs = _step(rng, f"s{step}")
+        g = torch.Generator().manual_seed(step)
+        stream = (torch.randn(ROWS, D_IN, generator=g).to(DEVICE) * 2, torch.randn(ROWS, D_IN, generator=g).to(DEVICE))
+        got, readouts = _run(graph, batch, specs, stream)
+        want, want_readouts = _eager(graph, batch, specs, stream)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"step {step}: {specs}")
+        rows = batch.query_start_loc[-1]
+        assert torch.equal(got[rows:], stream[0][rows:]), "padding rows must be untouched"
+        for rid, acts in want_readouts.items():
+            values = torch.tensor(readouts[rid]["features"]["s"]["values"])
+            torch.testing.assert_close(values, acts.values, rtol=1e-5, atol=1e-5)
+            assert readouts[rid]["features"]["s"]["positions"] == acts.positions.tolist()
+        # The same first request with every neighbour plain: its rows are bit-identical.
+        alone = StepBatch([f"{rid}-alone" for rid in batch.req_ids], batch.query_start_loc, batch.computed,
+                          batch.prompt_lens)
+        solo, _ = _run(graph, alone, [specs[0]] + [None] * (len(specs) - 1), stream)
+        first = slice(0, batch.query_start_loc[1])
+        assert torch.equal(solo[first], got[first]), f"step {step}: neighbours changed request 0's rows"
+
+
+def test_an_idle_step_after_a_steered_one_replays_as_a_no_op(graph) -> None:
+    rng = random.Random(1)
+    batch, _ = _step(rng, "busy")
+    clamp = {"steering": {"interventions": [{"sae": "s", "feature": 5, "mode": "clamp", "value": 9.0}]}}
+    stream = (torch.randn(ROWS, D_IN).to(DEVICE), torch.randn(ROWS, D_IN).to(DEVICE))
+    steered, _ = _run(graph, batch, [clamp] * len(batch.req_ids), stream)
+    assert not torch.equal(steered, stream[0])
+    idle, _ = _run(graph, StepBatch(["idle"], [0, ROWS - 1], [0], [ROWS - 1]), [None], stream)
+    assert torch.equal(idle, stream[0])
+
+
+@pytest.mark.parametrize(("device", "mode", "replays"), [
+    ("cuda", "FULL_AND_PIECEWISE", True), ("cuda", "PIECEWISE", True), ("cuda", "NONE", False), ("cpu", "NONE", False)])
+def test_the_v1_runner_takes_the_graph_path_whenever_it_replays_cuda_graphs(device, mode, replays) -> None:
+    # A stand-in runner: only its device and vLLM's real compilation config are read (no GPU here).
+    config = pytest.importorskip("vllm.config")  # the GPU machines run this file without vLLM
+    mode = config.CUDAGraphMode[mode]
+    CompilationConfig = config.CompilationConfig
+    runner = SimpleNamespace(device=torch.device(device),
+                             vllm_config=SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=mode)))
+    assert replays_cuda_graphs(runner) is replays
