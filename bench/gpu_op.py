@@ -18,8 +18,8 @@ request):
   a TopK SAE would cost (the reason those stay off the graph path).
 Reports ms per step (median of interleaved rounds, CUDA events) and the tokens/s ratio to plain,
 and the host time ``plan_step`` takes to fill the tables for a step of all-distinct requests.
-Checks that an idle step is bit-identical to plain and that clamp8 changes the output. On a CPU it runs eagerly with tiny sizes
-(a smoke test of the script; its figures mean nothing).
+Checks that an idle step is bit-identical to plain and that clamp8 changes the output. On a CPU
+it runs eagerly with tiny sizes (a smoke test of the script; its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def plan(runtime: SteeringRuntime, specs: list[dict | None], tag: str) -> float:
     """Fill the tables for a decode step of ``specs``; the host seconds it took."""
     n = len(specs)
     batch = StepBatch([f"{tag}{i}" for i in range(n)], list(range(n + 1)), [100] * n, [90] * n)
-    extra = {rid: {SPEC_KEY: json.dumps(s), REQUEST_KEY: rid} if s else None for rid, s in zip(batch.req_ids, specs)}
+    extra = {rid: {SPEC_KEY: json.dumps(s), REQUEST_KEY: rid} if s else None
+             for rid, s in zip(batch.req_ids, specs, strict=True)}
     runtime.plan_step(batch, extra, batch.req_ids)  # resolves each request once, as in serving
     start = time.perf_counter()
     runtime.plan_step(batch, extra, batch.req_ids)  # a later step of the same requests

@@ -168,16 +168,18 @@ class SteeringRuntime:
         tables = self.tables.get(name)
         if tables is None:
             return plan
-        fixed = tuple(seg for seg in plan if fits(seg.plan, tables.capacity))
-        rest = tuple(seg for seg in plan if not fits(seg.plan, tables.capacity))
+        fixed: list[Segment] = []
+        rest: list[Segment] = []
+        for seg in plan:
+            (fixed if fits(seg.plan, tables.capacity) else rest).append(seg)
         if self.graph_mode and rest:  # a captured graph cannot run the segment path
             for seg in rest:
                 self.errors[str(keys[seg.request])] = (f"SAE {name!r}: this request needs the segment path (top-k "
                                                        "readout or too many features), which CUDA graphs cannot run")
-            rest = ()
+            rest = []
         tables.fill(fixed)
         self.pending += [(key, name, seg) for seg in fixed if seg.plan.reads and (key := keys[seg.request])]
-        return rest
+        return tuple(rest)
 
     def collect_fixed_readouts(self) -> None:
         """Readouts the fixed op wrote during the last forward."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sae_serve.errors import SaeServeError
@@ -45,7 +46,7 @@ class Capacity:
 
 def fits(plan: RequestPlan, capacity: Capacity) -> bool:
     """Whether the fixed op can run ``plan`` (else it takes the segment path)."""
-    return plan.subset is not None and plan.top_k is None and len(plan.features) <= capacity.slots
+    return plan.subset is not None and plan.top_k is None and len(plan.host.features) <= capacity.slots
 
 
 class FixedTables:
@@ -70,15 +71,15 @@ class FixedTables:
         cap, rows = self.capacity, max((seg.rows.end for seg in plan), default=0)
         if rows > cap.tokens:
             raise CapacityError(f"a step of {rows} tokens exceeds the fixed op's capacity of {cap.tokens}")
-        index, mult = torch.zeros(rows, cap.slots, dtype=torch.long), torch.ones(rows, cap.slots)
-        offset, vector_row = torch.zeros(rows, cap.slots), torch.zeros(rows, dtype=torch.long)
+        index, mult = np.zeros((rows, cap.slots), dtype=np.int64), np.ones((rows, cap.slots), dtype=np.float32)
+        offset, vector_row = np.zeros((rows, cap.slots), dtype=np.float32), np.zeros(rows, dtype=np.int64)
         vectors = []
         for seg in plan:
             p, start, end = seg.plan, seg.rows.start, seg.rows.end
             if not fits(p, cap):
-                raise CapacityError(f"request {seg.request} names {len(p.features)} features "
+                raise CapacityError(f"request {seg.request} names {len(p.host.features)} features "
                                     f"(capacity {cap.slots} per request) or asks for a top-k readout")
-            m = len(p.features)
+            m = len(p.host.features)
             index[start:end, :m] = p.host.features
             first, last = seg.rows.scope(p.positions)
             if p.mult is not None:
@@ -90,10 +91,10 @@ class FixedTables:
                 vectors.append(p.vector)
                 vector_row[start + first:start + last] = len(vectors)
         self._reset(rows)
-        self.index[:rows].copy_(index, non_blocking=True)
-        self.mult[:rows].copy_(mult, non_blocking=True)
-        self.offset[:rows].copy_(offset, non_blocking=True)
-        self.vector_row[:rows].copy_(vector_row, non_blocking=True)
+        self.index[:rows].copy_(torch.from_numpy(index), non_blocking=True)
+        self.mult[:rows].copy_(torch.from_numpy(mult), non_blocking=True)
+        self.offset[:rows].copy_(torch.from_numpy(offset), non_blocking=True)
+        self.vector_row[:rows].copy_(torch.from_numpy(vector_row), non_blocking=True)
         if vectors:
             self.vectors[1:len(vectors) + 1] = torch.stack(vectors)
         self._filled = rows
