@@ -14,6 +14,7 @@ request):
 - idle: the op captured, nobody steers (what the CUDA-graph path pays every step);
 - clamp8: every request clamps the same 8 features; distinct: each clamps 8 features of its own;
 - clamp8_read: clamp8 and each reads 8 features back;
+- watch32: nobody steers, 32 features monitored for Prometheus on every token (inside the graph);
 - full_encode: the step with the whole 65,536-feature encode and a top-8, what a top-k readout or
   a TopK SAE would cost (the reason those stay off the graph path).
 Reports ms per step (median of interleaved rounds, CUDA events) and the tokens/s ratio to plain,
@@ -34,11 +35,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, SteeringRuntime, StepBatch, bind_site
+from sae_serve.metrics import WorkerMetrics
 from sae_serve.sae.model import SaeConfig, build_sae
 from sae_serve.sae.registry import registry_of
 from sae_serve.steering.fixed import Capacity, FixedTables
+from sae_serve.steering.watch import Watch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -116,7 +120,7 @@ def make_sae(d: int, f: int) -> object:
 
 
 def specs_for(variant: str, n: int, d_sae: int, rng: random.Random) -> list[dict | None]:
-    if variant in ("plain", "idle", "full_encode"):
+    if variant in ("plain", "idle", "watch32", "full_encode"):
         return [None] * n
     same = rng.sample(range(d_sae), 8)
     out = []
@@ -144,7 +148,7 @@ def plan(runtime: SteeringRuntime, specs: list[dict | None], tag: str) -> float:
     return time.perf_counter() - start
 
 
-def bench_batch(stack: DecodeStack, runtime: SteeringRuntime, site: int, sae, n: int, args) -> dict:
+def bench_batch(stack: DecodeStack, runtime: SteeringRuntime, site: int, sae, watch: Watch, n: int, args) -> dict:
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(n, stack.d, generator=gen) * 0.1).to(DEVICE, DTYPE)
     residual = torch.randn(n, stack.d, generator=gen).to(DEVICE, DTYPE)
@@ -161,8 +165,10 @@ def bench_batch(stack: DecodeStack, runtime: SteeringRuntime, site: int, sae, n:
     graphs = {"plain": capture(lambda: stack.forward(x, residual, None, args.at)),
               "op": capture(lambda: stack.forward(x, residual, op, args.at)),
               "full_encode": capture(lambda: stack.forward(x, residual, encode, args.at))}
+    runtime.watches = {"s": watch}  # from here on the op also monitors, in the graph captured next
+    graphs["watch32"] = capture(lambda: stack.forward(x, residual, op, args.at))
     rng = random.Random(n)
-    variants = ["plain", "idle", "clamp8", "distinct", "clamp8_read", "full_encode"]
+    variants = ["plain", "idle", "clamp8", "distinct", "clamp8_read", "watch32", "full_encode"]
     specs = {v: specs_for(v, n, sae.d_sae, rng) for v in variants}
     plain_out = graphs["plain"]().clone()
     plan(runtime, specs["idle"], "idle")
@@ -204,9 +210,13 @@ def main() -> None:
     runtime = SteeringRuntime(registry, graph_mode=True)
     runtime.tables = {"s": FixedTables(sae, Capacity(tokens=max(batches), slots=16, requests=max(batches)))}
     site = bind_site(runtime, registry.saes["s"])
+    runtime.metrics = WorkerMetrics(CollectorRegistry())
+    watched = list(range(0, args.d_sae, args.d_sae // 32))[:32]
+    watch = Watch(sae, "s", watched, [str(f) for f in watched], [0.5] * 32, max(batches))
     rows = []
     for n in batches:
-        rows.append(bench_batch(stack, runtime, site, sae, n, args))
+        runtime.watches = {}
+        rows.append(bench_batch(stack, runtime, site, sae, watch, n, args))
         print(json.dumps(rows[-1]), flush=True)
     result = {"bench": "gpu_op", "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from weakref import WeakKeyDictionary
 
-import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 ACTIVATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -32,16 +31,22 @@ class WorkerMetrics:
         self.hook_seconds = Histogram("sae_serve_hook_seconds", "Time of the steering hook per step and SAE.",
                                       ["sae"], buckets=HOOK_BUCKETS, registry=registry)
 
-    def observe_features(self, sae: str, names: list[str], acts: torch.Tensor, thresholds: torch.Tensor) -> None:
-        """``acts`` (tokens, watched) of one step; ``thresholds`` (watched,) firing levels."""
-        fired = (acts > thresholds).sum(0).tolist()
+    def add_feature_totals(self, sae: str, names: list[str], tokens: int, fired: list[int],
+                           histogram: list[list[int]], sums: list[float]) -> None:
+        """Totals of the watched features over some steps (``steering/watch.py`` keeps them):
+        ``tokens`` seen, ``fired[j]`` tokens above feature j's threshold, ``histogram[j]`` its
+        active values per bucket of ACTIVATION_BUCKETS (then +Inf), ``sums[j]`` their sum."""
         for j, name in enumerate(names):
-            self.tokens.labels(sae, name).inc(len(acts))
+            self.tokens.labels(sae, name).inc(tokens)
             if fired[j]:
                 self.fired.labels(sae, name).inc(fired[j])
-            column = acts[:, j]
-            for value in column[column > 0].tolist():  # features are sparse: few observations
-                self.activation.labels(sae, name).observe(value)
+            child = self.activation.labels(sae, name)
+            # prometheus_client observes one value at a time; its buckets and sum take counts.
+            for bucket, count in zip(child._buckets, histogram[j], strict=True):
+                if count:
+                    bucket.inc(count)
+            if sums[j]:
+                child._sum.inc(sums[j])
 
 
 class ApiMetrics:

@@ -1,7 +1,6 @@
 """Metric values from the real classes, each test on a fresh CollectorRegistry."""
 
 import pytest
-import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sae_serve.metrics import ApiMetrics, WorkerMetrics
@@ -12,17 +11,19 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if got is None else got
 
 
-def test_worker_metrics_count_tokens_firing_and_activations() -> None:
+def test_worker_metrics_take_totals_as_prometheus_would_observe_them() -> None:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    acts = torch.tensor([[0.0, 3.0], [1.0, 0.0], [2.5, 0.5], [0.0, 0.0]])
-    metrics.observe_features("l15", ["wrongdoing", "7"], acts, torch.tensor([2.0, 1.0]))
+    # 4 tokens; "wrongdoing" active at 1.0 and 2.5 (fires once above 2.0), "7" at 3.0 and 0.5.
+    metrics.add_feature_totals("l15", ["wrongdoing", "7"], 4, [1, 1],
+                               [[0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0]], [3.5, 3.5])
     assert value(registry, "sae_serve_feature_tokens_total", sae="l15", feature="wrongdoing") == 4
     assert value(registry, "sae_serve_feature_fired_tokens_total", sae="l15", feature="wrongdoing") == 1
     assert value(registry, "sae_serve_feature_fired_tokens_total", sae="l15", feature="7") == 1
     assert value(registry, "sae_serve_feature_activation_count", sae="l15", feature="wrongdoing") == 2  # active only
     assert value(registry, "sae_serve_feature_activation_sum", sae="l15", feature="wrongdoing") == 3.5
     assert value(registry, "sae_serve_feature_activation_bucket", sae="l15", feature="7", le="0.5") == 1
+    assert value(registry, "sae_serve_feature_activation_bucket", sae="l15", feature="7", le="4.0") == 2
     metrics.hook_seconds.labels("l15").observe(0.002)
     text = generate_latest(registry).decode()
     assert 'sae_serve_hook_seconds_count{sae="l15"} 1.0' in text

@@ -34,12 +34,12 @@ from torch import nn
 from sae_serve.config import SaeServeConfig, config_from_env
 from sae_serve.errors import SaeServeError, SpecError
 from sae_serve.metrics import WorkerMetrics, worker_metrics
-from sae_serve.sae.model import FeatureSubset
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
 from sae_serve.steering.fixed import Capacity, FixedTables, fits, fixed_readout, steer_fixed_
 from sae_serve.steering.hook import FeatureActivations, apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, prepare_all
 from sae_serve.steering.spec import RequestSpec, resolve
+from sae_serve.steering.watch import Watch
 
 logger = logging.getLogger(__name__)
 SPEC_KEY = "sae_serve"
@@ -79,15 +79,6 @@ class _Step:
     segments: dict[str, SaePlan]  # per SAE: the work of the segment path (the fixed op's is in its tables)
 
 
-@dataclass(frozen=True)
-class _Watch:
-    """One SAE's watchlist, prepared for monitoring every token."""
-
-    subset: FeatureSubset
-    names: list[str]  # metric label per watched feature: its catalog label, else its index
-    thresholds: torch.Tensor  # (watched,) firing levels
-
-
 @dataclass
 class SteeringRuntime:
     """Per-worker state: the SAEs, each live request's resolved spec, readouts not yet fetched."""
@@ -98,7 +89,7 @@ class SteeringRuntime:
     errors: dict[str, str] = field(default_factory=dict)
     step: _Step | None = None
     metrics: WorkerMetrics | None = None
-    watches: dict[str, _Watch] = field(default_factory=dict)
+    watches: dict[str, Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
     graph_mode: bool = False  # CUDA graphs: the op runs the fixed tables only, every step
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
@@ -106,17 +97,16 @@ class SteeringRuntime:
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
 
-    def enable_metrics(self, metrics: WorkerMetrics, firing_fraction: float) -> None:
+    def enable_metrics(self, metrics: WorkerMetrics, firing_fraction: float, max_rows: int) -> None:
+        """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
         self.metrics = metrics
         for name, loaded in self.registry.saes.items():
             if not loaded.watchlist or loaded.sae.cfg.architecture == "topk":
                 continue
-            catalog, device = loaded.catalog, loaded.sae.W_dec.device
-            peaks = [firing_fraction * (catalog.info(f).max_activation or 0.0) for f in loaded.watchlist]
-            self.watches[name] = _Watch(
-                loaded.sae.subset(torch.tensor(loaded.watchlist, device=device)),
-                [catalog.label_of(f) or str(f) for f in loaded.watchlist],
-                torch.tensor(peaks, dtype=loaded.sae.dtype, device=device))
+            catalog = loaded.catalog
+            self.watches[name] = Watch(
+                loaded.sae, name, list(loaded.watchlist), [catalog.label_of(f) or str(f) for f in loaded.watchlist],
+                [firing_fraction * (catalog.info(f).max_activation or 0.0) for f in loaded.watchlist], max_rows)
 
     def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
         if req_id not in self.resolved:
@@ -149,6 +139,10 @@ class SteeringRuntime:
         """Map a step's requests to rows and fill the fixed op's tables; ``step`` stays None when
         nobody steers or reads. ``live``: the ids of the runner's current requests."""
         self.collect_fixed_readouts()
+        for watch in self.watches.values():
+            watch.publish(self.metrics)
+            if self.graph_mode:
+                watch.set_live(batch.query_start_loc[-1])
         for gone in set(self.resolved) - set(live):
             del self.resolved[gone]
         resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
@@ -194,18 +188,19 @@ class SteeringRuntime:
             self.readouts.popitem(last=False)
 
     def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        watch = self.watches.get(loaded.name)
         if self.graph_mode:  # the same kernels every step, on whatever the tables hold
+            if watch is not None:  # before any edit: what the model computed
+                watch.accumulate(hidden + residual, watch.live)
             steer_fixed_(hidden, residual, loaded.sae, self.tables[loaded.name])
             return
         step = self.step
         if step is None:
             return
         start = time.perf_counter()
-        watch = self.watches.get(loaded.name)
-        if watch is not None and self.metrics is not None:  # before any edit: what the model computed
-            stream = hidden[: step.tokens] + residual[: step.tokens]
-            self.metrics.observe_features(loaded.name, watch.names, loaded.sae.encode_subset(stream, watch.subset),
-                                          watch.thresholds)
+        if watch is not None and self.metrics is not None:
+            watch.accumulate(hidden[: step.tokens] + residual[: step.tokens], step.tokens)
+            watch.publish(self.metrics)
         tables = self.tables.get(loaded.name)
         if tables is not None and tables.filled:
             steer_fixed_(hidden, residual, loaded.sae, tables)
@@ -306,13 +301,10 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
     registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
     runtime = SteeringRuntime(registry, graph_mode=graph_mode)
-    if config.metrics.enabled and graph_mode:
-        logger.warning("sae_serve: feature monitoring does not run inside CUDA graphs yet; metrics are off "
-                       "(the V1 runner with enforce_eager=True keeps them)")
-    elif config.metrics.enabled:
-        runtime.enable_metrics(worker_metrics(), config.metrics.firing_fraction_of_max)
+    sched = runner.vllm_config.scheduler_config
+    if config.metrics.enabled:
+        runtime.enable_metrics(worker_metrics(), config.metrics.firing_fraction_of_max, sched.max_num_batched_tokens)
     if config.op.fixed_shapes or graph_mode:
-        sched = runner.vllm_config.scheduler_config
         capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
         topk = [name for name, loaded in registry.saes.items() if loaded.sae.cfg.architecture == "topk"]
         if graph_mode and topk:

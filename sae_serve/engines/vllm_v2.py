@@ -10,11 +10,12 @@ op never runs. So, after the model loads:
   graph replays the steering of whatever requests the next step holds.
 What needs variable shapes cannot run here: a TopK SAE refuses to load on this path, and a
 request asking for a top-k readout or more features than ``op.slots`` is not steered and gets
-an error in its readout (the API servers refuse the latter up front). Feature monitoring for
-Prometheus is not wired on this path yet. The tables are written with copies on the current
-CUDA stream, which orders them after the previous step's kernels when vLLM schedules ahead on the
-same stream (unverified: on another stream they would need an event, and the isolation check of
-``bench/gpu_check.py`` would fail). GPU-only: ``bench/gpu_check.py`` proves it on a GPU.
+an error in its readout (the API servers refuse the latter up front). The watched features are
+totalled inside the graph too (``steering/watch.py``). The tables are written with copies on the
+current CUDA stream, the one vLLM 0.32's V2 runner calls ``prepare_inputs`` on right before the
+forward (read from its code), so they land after the previous step's kernels and before this
+step's. ``tests/engines/test_cuda_graphs.py`` replays the op in a real CUDA graph on a GPU; the
+whole runner needs vLLM on a GPU (``bench/gpu_check.py``).
 """
 
 from __future__ import annotations

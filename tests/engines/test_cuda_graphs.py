@@ -2,7 +2,8 @@
 whatever requests each later step holds, with the tables refilled before each replay as vLLM's
 runners do (the V2 ModelState's prepare_inputs, or V1's step hook, on the main stream, then the
 replay). Each step's rows must equal the eager segment path, and a request's rows must be
-bit-identical whatever its neighbours ask. On a GPU the op runs in a real torch.cuda.CUDAGraph;
+bit-identical whatever its neighbours ask; the watched features' totals, kept inside the graph,
+must equal observing each real token. On a GPU the op runs in a real torch.cuda.CUDAGraph;
 on a CPU (CI) the same steps run it eagerly, since graphs need a GPU. bench/README.md, "GPU",
 records the GPU run."""
 
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from sae_serve.engines.vllm_plugin import (
     REQUEST_KEY,
@@ -23,11 +25,14 @@ from sae_serve.engines.vllm_plugin import (
     bind_site,
     replays_cuda_graphs,
 )
+from sae_serve.metrics import WorkerMetrics
 from sae_serve.steering.fixed import Capacity, FixedTables
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import build_plan, prepare
 from sae_serve.steering.spec import RequestSpec, resolve
+from sae_serve.steering.watch import Watch
 from tests.steering.test_hook import D_IN, registry
+from tests.steering.test_watch import FEATURES, NAMES, THRESHOLDS, flush, reference, samples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = 32  # the captured batch: steps pad up to it
@@ -103,7 +108,11 @@ def graph():
     loaded.sae.to(DEVICE)
     runtime = SteeringRuntime(reg, graph_mode=True)
     runtime.tables = {"s": FixedTables(loaded.sae, Capacity(tokens=ROWS, slots=4, requests=8))}
-    return SimpleNamespace(reg=reg, runtime=runtime, op=CapturedOp(bind_site(runtime, loaded)))
+    prom = CollectorRegistry()
+    runtime.metrics = WorkerMetrics(prom)
+    runtime.watches = {"s": Watch(loaded.sae, "s", FEATURES, NAMES, THRESHOLDS, max_rows=ROWS)}
+    return SimpleNamespace(reg=reg, runtime=runtime, op=CapturedOp(bind_site(runtime, loaded)), prom=prom,
+                           watched=[])
 
 
 def _run(graph, batch: StepBatch, specs: list[dict | None], stream) -> tuple[torch.Tensor, dict]:
@@ -111,6 +120,8 @@ def _run(graph, batch: StepBatch, specs: list[dict | None], stream) -> tuple[tor
              for rid, spec in zip(batch.req_ids, specs, strict=True)}
     graph.runtime.plan_step(batch, extra, batch.req_ids)
     out = graph.op(*stream)
+    rows = batch.query_start_loc[-1]
+    graph.watched.append(stream[0][:rows] + stream[1][:rows])  # what monitoring must have seen
     return out, graph.runtime.pop_readouts(batch.req_ids)
 
 
@@ -144,6 +155,14 @@ def test_replays_steer_each_step_as_the_eager_path_and_only_the_requests_rows(gr
         solo, _ = _run(graph, alone, [specs[0]] + [None] * (len(specs) - 1), stream)
         first = slice(0, batch.query_start_loc[1])
         assert torch.equal(solo[first], got[first]), f"step {step}: neighbours changed request 0's rows"
+    # Monitoring ran inside the graph on every replay, on real rows only, before the edits.
+    flush(graph.runtime.watches["s"], graph.runtime.metrics)
+    want = CollectorRegistry()
+    reference(want, graph.reg.saes["s"].sae, graph.watched)
+    got_totals, want_totals = samples(graph.prom), samples(want)
+    assert got_totals.keys() == want_totals.keys()
+    for key, v in want_totals.items():
+        assert abs(got_totals[key] - v) <= 1e-4 * max(1.0, abs(v)), key
 
 
 def test_an_idle_step_after_a_steered_one_replays_as_a_no_op(graph) -> None:
