@@ -16,9 +16,9 @@ FEATURES, NAMES, THRESHOLDS = [3, 17, 40], ["deception", "17", "power"], [0.5, 0
 
 def flush(watch: Watch, metrics: WorkerMetrics) -> None:
     """Everything accumulated so far, into Prometheus (a test may wait for the GPU; serving never does)."""
-    watch.publish(metrics)
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(2 if DEVICE == "cuda" else 1):  # the pending snapshot, then one of everything
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         watch.publish(metrics)
 
 
