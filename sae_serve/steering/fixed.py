@@ -7,8 +7,9 @@ sit in that row's own slots: ``index[t, s]``, ``mult[t, s]``, ``offset[t, s]``. 
 feature 0 with mult 1 and offset 0, which adds exactly nothing. A request's summed steering vector
 is one row of a per-step vector bank (row 0 is zeros) that its token rows point to.
 
-The op gathers each row's own encoder and decoder rows and multiplies per row,
-(1, d_in) x (d_in, slots) and (1, slots) x (slots, d_in), batched over rows: a row's arithmetic
+The op gathers each row's own encoder rows and multiplies per row, (1, d_in) x (d_in, slots)
+batched over rows, and decodes each row as a bag of its own decoder rows weighted by its
+coefficients (``embedding_bag``, which never materialises the gathered rows): a row's arithmetic
 never depends on its neighbours, so isolation stays bit-exact, as with ``hook.apply_plan``.
 Same math as ``hook.py``: x' = x + ((mult - 1) * a_S(x) + offset) W_dec[S] + vector.
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
@@ -125,7 +127,9 @@ def steer_fixed_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoen
                                                     None if threshold is None else threshold[index]))
     tables.activations[:n].copy_(acts)
     coef = (tables.mult[:n] - 1) * acts + tables.offset[:n]
-    delta = torch.bmm(coef.unsqueeze(1), sae.W_dec[index]).squeeze(1) + tables.vectors[tables.vector_row[:n]]
+    # Each row's weighted sum of its own decoder rows, without gathering them first (a bag per row).
+    delta = F.embedding_bag(index, sae.W_dec, per_sample_weights=coef, mode="sum")
+    delta = delta + tables.vectors[tables.vector_row[:n]]
     hidden += delta.to(hidden.dtype)
 
 
