@@ -176,8 +176,8 @@ def bench_batch(stack: DecodeStack, runtime: SteeringRuntime, site: int, sae, wa
     plan(runtime, specs["clamp8"], "check")
     clamp_steers = not torch.equal(graphs["op"](), plain_out)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for v in variants:
+    for r in range(args.rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate: no order bias
             plan(runtime, specs[v], f"{v}{n}-")
             graph = graphs.get(v, graphs["op"])
             times[v].append(step_ms(graph, args.reps))
