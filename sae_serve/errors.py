@@ -6,6 +6,16 @@ status codes in one place (``server/``); nothing below the servers knows about s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """A pydantic error location in the notation of our own errors: ``steering.interventions[0].value``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
 
 class SaeServeError(Exception):
     """Base class of every error sae_serve raises on purpose."""

@@ -58,6 +58,6 @@ def test_api_metrics_through_the_service(tmp_path) -> None:
     assert value(registry, "sae_serve_steered_requests_total", mode="scale") == 1
     with pytest.raises(SpecError) as info:  # malformed JSON bodies are counted too, with the field named
         service.parse({"steering": {"interventions": [{"sae": "l1", "feature": 1, "mode": "add", "value": "NaN"}]}})
-    assert info.value.field == "steering.interventions.0.value"
+    assert info.value.field == "steering.interventions[0].value"
     assert value(registry, "sae_serve_refused_requests_total", reason="invalid") == 2
     assert value(registry, "sae_serve_refused_requests_total", reason="policy_limit") == 1

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from sae_serve.config import SaeServeConfig, config_from_env
-from sae_serve.errors import SaeServeError, SpecError
+from sae_serve.errors import SaeServeError, SpecError, field_path
 from sae_serve.metrics import WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, build_registry
 from sae_serve.steering.fixed import Capacity, FixedTables, fits, fixed_readout, steer_fixed_
@@ -271,7 +271,7 @@ def runner_config(runner: Any) -> SaeServeConfig | None:
         return SaeServeConfig.model_validate(extra["sae_serve"])
     except ValidationError as exc:
         raise SaeServeError(f"additional_config.sae_serve: {exc.errors()[0]['msg']} "
-                            f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+                            f"at {field_path(exc.errors()[0]['loc'])}") from None
 
 
 def bind_site(runtime: SteeringRuntime, loaded: LoadedSae) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sae_serve.errors import SaeFormatError, SpecError
+from sae_serve.errors import SaeFormatError, SpecError, field_path
 
 CATALOG_FILE = "features.json"
 
@@ -109,5 +109,5 @@ class FeatureCatalog(BaseModel):
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    where = field_path(err["loc"]) or "(top level)"
     return f"field {where}: {err['msg']}"

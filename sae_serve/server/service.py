@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sae_serve.config import SaeServeConfig
 from sae_serve.engines.vllm_offline import EngineRequest, engine_request
 from sae_serve.engines.vllm_plugin import WORKER_METHOD
-from sae_serve.errors import PolicyError, SpecError
+from sae_serve.errors import PolicyError, SpecError, field_path
 from sae_serve.metrics import ApiMetrics, api_metrics
 from sae_serve.sae.registry import SaeRegistry, build_registry
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, resolve
@@ -43,7 +43,7 @@ class SteeringService:
         except ValidationError as exc:
             self.metrics.refused.labels("invalid").inc()
             err = exc.errors()[0]
-            raise SpecError(".".join(str(p) for p in err["loc"]), err["msg"]) from None
+            raise SpecError(field_path(err["loc"]), err["msg"]) from None
 
     def prepare(self, spec: RequestSpec) -> PreparedRequest | None:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the

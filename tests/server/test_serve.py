@@ -166,9 +166,9 @@ def test_stream_chunks_carry_the_activations_of_their_tokens(client) -> None:
     ({"steering": {"interventions": [{"sae": "layer9", "feature": 1, "mode": "add", "value": 1}]}},
      "steering.interventions[0].sae"),
     ({"steering": {"interventions": [{"sae": "layer15", "feature": 1, "mode": "add", "value": "NaN"}]}},
-     "steering.interventions.0.value"),
+     "steering.interventions[0].value"),
     ({"steering": {"interventions": [{"sae": "layer15", "feature": 1, "mode": "add", "value": 1,
-                                      "path": "/etc/passwd"}]}}, "steering.interventions.0.path"),
+                                      "path": "/etc/passwd"}]}}, "steering.interventions[0].path"),
     ({"return_features": {"sae": "layer15", "top_k": 500}}, "return_features.top_k"),
 ])
 def test_bad_steering_is_a_400_naming_the_field(client, body: dict, param: str) -> None:
@@ -360,9 +360,9 @@ def test_grpc_list_get_health_reflection(grpc_stub) -> None:
     (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="nope"), mode=pb.ADD, value=1),
      "INVALID_ARGUMENT", "steering.interventions[0].feature"),
     (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(index=3), value=1),
-     "INVALID_ARGUMENT", "steering.interventions.0.mode"),
+     "INVALID_ARGUMENT", "steering.interventions[0].mode"),
     (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(index=3), mode=pb.ADD, value=float("nan")),
-     "INVALID_ARGUMENT", "steering.interventions.0.value"),
+     "INVALID_ARGUMENT", "steering.interventions[0].value"),
     (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="wrongdoing"), mode=pb.CLAMP,
                                 multiple_of_max=1), "PERMISSION_DENIED", "steering.interventions[0].feature"),
     (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="french"), mode=pb.CLAMP,

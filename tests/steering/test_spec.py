@@ -2,7 +2,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sae_serve.errors import SpecError
+from sae_serve.errors import SpecError, field_path
 from sae_serve.sae.features import FeatureCatalog, FeatureInfo
 from sae_serve.sae.registry import registry_of
 from sae_serve.steering.spec import RequestSpec, resolve
@@ -49,18 +49,18 @@ def test_resolves_all_modes(registry) -> None:
 @pytest.mark.parametrize(
     ("body", "loc"),
     [
-        (iv(feature=1, mode="clamp"), "interventions.0"),
-        (iv(feature=1, mode="clamp", value=1, multiple_of_max=2), "interventions.0"),
-        (iv(feature=1, mode="add"), "interventions.0"),
-        (iv(feature=1, mode="scale", multiple_of_max=2, value=1), "interventions.0"),
-        (iv(feature=1, mode="boost", value=1), "interventions.0.mode"),
-        (iv(feature=1, mode="add", value=float("nan")), "interventions.0.value"),
-        (iv(feature=1, mode="add", value=float("inf")), "interventions.0.value"),
-        (iv(feature=1, mode="add", value=1e9), "interventions.0.value"),
-        (iv(feature=1, mode="clamp", multiple_of_max=1e5), "interventions.0.multiple_of_max"),
-        (iv(feature=1.5, mode="add", value=1), "interventions.0.feature"),
-        (iv(feature=True, mode="add", value=1), "interventions.0.feature"),
-        (iv(feature=1, mode="add", value=1, path="/etc/passwd"), "interventions.0.path"),
+        (iv(feature=1, mode="clamp"), "interventions[0]"),
+        (iv(feature=1, mode="clamp", value=1, multiple_of_max=2), "interventions[0]"),
+        (iv(feature=1, mode="add"), "interventions[0]"),
+        (iv(feature=1, mode="scale", multiple_of_max=2, value=1), "interventions[0]"),
+        (iv(feature=1, mode="boost", value=1), "interventions[0].mode"),
+        (iv(feature=1, mode="add", value=float("nan")), "interventions[0].value"),
+        (iv(feature=1, mode="add", value=float("inf")), "interventions[0].value"),
+        (iv(feature=1, mode="add", value=1e9), "interventions[0].value"),
+        (iv(feature=1, mode="clamp", multiple_of_max=1e5), "interventions[0].multiple_of_max"),
+        (iv(feature=1.5, mode="add", value=1), "interventions[0].feature"),
+        (iv(feature=True, mode="add", value=1), "interventions[0].feature"),
+        (iv(feature=1, mode="add", value=1, path="/etc/passwd"), "interventions[0].path"),
         ({"steering": {"positions": "middle"}}, "steering.positions"),
         ({"return_features": {"sae": "l1"}}, "return_features"),
         ({"return_features": {"sae": "l1", "top_k": 0}}, "return_features.top_k"),
@@ -71,7 +71,7 @@ def test_resolves_all_modes(registry) -> None:
 def test_schema_errors_name_the_field(body: dict, loc: str) -> None:
     with pytest.raises(ValidationError) as info:
         parse(body)
-    locs = [".".join(str(p) for p in e["loc"]) for e in info.value.errors()]
+    locs = [field_path(e["loc"]) for e in info.value.errors()]
     assert any(loc in x for x in locs), locs
 
 
