@@ -14,7 +14,8 @@ Cases (all requests submitted together, greedy, 64 new tokens each):
 Each round runs plain vLLM and every case back to back (A B A B); the ratio of output tokens/s to
 plain is taken per round and the median reported. Added time to first token: the same batch with
 max_tokens=1 (prefill and one token), case minus plain, in ms for the whole batch.
-Appends JSON to bench/results/steering_overhead.jsonl.
+Prefix caching is off on every engine (see the comment in main). Appends JSON to
+bench/results/steering_overhead.jsonl.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def main() -> None:
     from sae_serve.sae.registry import SaeEntry
 
     model = prepare_model()
-    kwargs = {"enforce_eager": args.eager, "dtype": "float32", "max_model_len": 512, "seed": 0}
+    # No prefix caching: every round repeats the prompts, and a reading request always computes its
+    # prompt (unique cache salt) while plain vLLM would serve it from cache; the op is what we measure.
+    kwargs = {"enforce_eager": args.eager, "dtype": "float32", "max_model_len": 512, "seed": 0,
+              "enable_prefix_caching": False}
     plain = LLM(model=str(model), **kwargs)  # created before SAE_SERVE_CONFIG is set: no SAEs
     saes = (SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),)
     steered = SteeredLLM(model, SaeServeConfig(saes=saes), **kwargs)

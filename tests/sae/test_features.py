@@ -52,7 +52,7 @@ def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(SaeFormatError, match="features.json: not valid JSON"):
         FeatureCatalog.load(tmp_path, 10)
     (tmp_path / "features.json").write_text(json.dumps({"d_sae": 10, "features": {"1": {"max_activation": -1}}}))
-    with pytest.raises(SaeFormatError, match=r"features.json: field features\[1\].max_activation"):
+    with pytest.raises(SaeFormatError, match=r"features.json: field features.1.max_activation"):
         FeatureCatalog.load(tmp_path, 10)
     catalog().save(tmp_path)
     with pytest.raises(SaeFormatError, match="d_sae is 10 but the SAE has 12 features"):
