@@ -181,8 +181,6 @@ def test_an_idle_step_after_a_steered_one_replays_as_a_no_op(graph) -> None:
 def test_the_v1_runner_takes_the_graph_path_whenever_it_replays_cuda_graphs(device, mode, replays) -> None:
     # A stand-in runner: only its device and vLLM's real compilation config are read (no GPU here).
     config = pytest.importorskip("vllm.config")  # the GPU machines run this file without vLLM
-    mode = config.CUDAGraphMode[mode]
-    CompilationConfig = config.CompilationConfig
-    runner = SimpleNamespace(device=torch.device(device),
-                             vllm_config=SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=mode)))
+    compilation = config.CompilationConfig(cudagraph_mode=config.CUDAGraphMode[mode])
+    runner = SimpleNamespace(device=torch.device(device), vllm_config=SimpleNamespace(compilation_config=compilation))
     assert replays_cuda_graphs(runner) is replays
