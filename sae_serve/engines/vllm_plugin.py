@@ -14,8 +14,9 @@ step steers or reads, the op returns at once and touches nothing.
 
 With ``op: {fixed_shapes: true}`` in the config, the steering itself runs through the fixed-shape
 op (``steering/fixed.py``): persistent tables filled before the forward, the shapes CUDA graphs
-need. The V2 model runner that GPUs default to is patched in ``vllm_v2.py`` and always runs that
-op, inside its CUDA graphs.
+need. Whenever the forward is replayed from CUDA graphs, every step runs that op and nothing
+else (``graph_mode``): the V2 model runner that GPUs default to (patched in ``vllm_v2.py``), and
+the V1 runner on a GPU unless ``enforce_eager``.
 """
 
 from __future__ import annotations
