@@ -238,7 +238,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike[str]) -> Path:
     """Write ``sae`` as a SAELens folder. Other files in the folder (features.json) are kept."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.tensors().items()}
+    tensors = {name: t.detach().cpu() for name, t in sae.tensors().items()}
     # Write beside the target and rename, so a reader never sees half a file.
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         save_file(tensors, os.path.join(tmp, SAELENS_WEIGHTS))

@@ -94,7 +94,10 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         for name, tensor in tensors.items():
-            self.register_buffer(name, tensor.detach().clone(memory_format=torch.contiguous_format))
+            if name == "W_enc":  # held as (d_sae, d_in) rows: see ``encoder_rows``
+                self.register_buffer(name, tensor.detach().T.clone(memory_format=torch.contiguous_format).T)
+            else:
+                self.register_buffer(name, tensor.detach().clone(memory_format=torch.contiguous_format))
 
     # --- the pieces every architecture shares ---------------------------------------------
     @property
@@ -116,6 +119,13 @@ class SparseAutoencoder(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
+
+    @property
+    def encoder_rows(self) -> torch.Tensor:
+        """W_enc as (d_sae, d_in), one row per feature, without a copy: W_enc (d_in, d_sae) is kept
+        as a transposed view of these rows, so a feature subset gathers contiguous rows and the
+        fixed-shape op needs no second copy of the encoder (d_in x d_sae more GPU memory)."""
+        return self.W_enc.T
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
@@ -149,8 +159,9 @@ class SparseAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The SAE's tensors by their SAELens names."""
-        return {name: buf for name, buf in self.named_buffers()}
+        """The SAE's tensors by their SAELens names, contiguous as files hold them (W_enc is a
+        copy: the SAE keeps it as feature rows)."""
+        return {name: buf.contiguous() for name, buf in self.named_buffers()}
 
     # --- what each architecture defines ---------------------------------------------------
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:

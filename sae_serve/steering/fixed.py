@@ -59,7 +59,6 @@ class FixedTables:
             raise SaeServeError("the fixed-shape op encodes feature subsets: a topk SAE needs the segment path")
         t, s, device, dtype = capacity.tokens, capacity.slots, sae.W_dec.device, sae.dtype
         self.capacity = capacity
-        self.w_enc_rows = sae.W_enc.T.contiguous()  # (d_sae, d_in): row gathers, not column gathers
         self.index = torch.zeros(t, s, dtype=torch.long, device=device)
         self.mult = torch.ones(t, s, dtype=dtype, device=device)
         self.offset = torch.zeros(t, s, dtype=dtype, device=device)
@@ -121,7 +120,7 @@ def steer_fixed_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoen
     n = hidden.shape[0]
     index = tables.index[:n]
     x = sae._encoder_input(hidden + residual)
-    pre = torch.bmm(tables.w_enc_rows[index], x.unsqueeze(-1)).squeeze(-1) + sae.b_enc[index]
+    pre = torch.bmm(sae.encoder_rows[index], x.unsqueeze(-1)).squeeze(-1) + sae.b_enc[index]
     threshold = getattr(sae, "threshold", None)
     acts = sae._activate_subset(pre, FeatureSubset(index, None, None,  # type: ignore[arg-type]
                                                     None if threshold is None else threshold[index]))

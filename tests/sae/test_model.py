@@ -53,6 +53,15 @@ def test_encode_subset_equals_full_encode_columns(arch: str) -> None:
     torch.testing.assert_close(sae.encode_subset(x, idx), sae.encode(x)[:, idx])
 
 
+def test_the_encoder_is_held_once_as_feature_rows() -> None:
+    # The fixed-shape op gathers encoder rows; they must be W_enc's own memory, not a second copy
+    # (on a GPU that copy would cost d_in x d_sae more), through dtype and device moves too.
+    sae = make_sae("jumprelu", 16, 64)
+    for s in (sae, sae.to(torch.float64)):
+        assert s.encoder_rows.is_contiguous() and s.encoder_rows.data_ptr() == s.W_enc.data_ptr()
+        assert torch.equal(s.encoder_rows, s.W_enc.T)
+
+
 def test_encode_subset_refuses_topk() -> None:
     with pytest.raises(SaeServeError, match="topk"):
         make_sae("topk").encode_subset(torch.randn(2, 16), torch.tensor([1]))
