@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_serve import envs
-from sae_serve.errors import SaeFormatError, SpecError, field_path
+from sae_serve.errors import SaeFormatError, SpecError, first_field_error
 from sae_serve.sae.registry import RegistryConfig
 from sae_serve.steering.policy import Policy
 from sae_serve.steering.spec import ResolvedRequest
@@ -79,9 +79,7 @@ def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:
     try:
         return SaeServeConfig.model_validate(data or {})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = field_path(err["loc"]) or "(top level)"
-        raise SaeFormatError(path, f"field {where}: {err['msg']}") from None
+        raise SaeFormatError(path, first_field_error(exc)) from None
 
 
 def config_from_env() -> SaeServeConfig | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 
 def field_path(loc: Sequence[str | int]) -> str:
     """A pydantic error location in the notation of our own errors: ``steering.interventions[0].value``."""
@@ -15,6 +17,12 @@ def field_path(loc: Sequence[str | int]) -> str:
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path
+
+
+def first_field_error(exc: ValidationError) -> str:
+    """A file's first schema error, naming the field: ``field saes[0].path: Field required``."""
+    err = exc.errors()[0]
+    return f"field {field_path(err['loc']) or '(top level)'}: {err['msg']}"
 
 
 class SaeServeError(Exception):

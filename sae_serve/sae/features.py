@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sae_serve.errors import SaeFormatError, SpecError, field_path
+from sae_serve.errors import SaeFormatError, SpecError, first_field_error
 
 CATALOG_FILE = "features.json"
 
@@ -94,7 +94,7 @@ class FeatureCatalog(BaseModel):
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SaeFormatError(path, f"not valid JSON ({exc})") from None
         except ValidationError as exc:
-            raise SaeFormatError(path, _first_error(exc)) from None
+            raise SaeFormatError(path, first_field_error(exc)) from None
         if catalog.d_sae != d_sae:
             raise SaeFormatError(path, f"d_sae is {catalog.d_sae} but the SAE has {d_sae} features")
         return catalog
@@ -106,8 +106,3 @@ class FeatureCatalog(BaseModel):
         os.replace(tmp, path)
         return path
 
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = field_path(err["loc"]) or "(top level)"
-    return f"field {where}: {err['msg']}"
