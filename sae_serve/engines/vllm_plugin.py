@@ -140,9 +140,9 @@ class SteeringRuntime:
         """Map a step's requests to rows and fill the fixed op's tables; ``step`` stays None when
         nobody steers or reads. ``live``: the ids of the runner's current requests."""
         self.collect_fixed_readouts()
-        for watch in self.watches.values():
-            watch.publish(self.metrics)
-            if self.graph_mode:
+        if self.graph_mode:  # inside graphs the op adds to the totals; publish what has landed
+            for watch in self.watches.values():
+                watch.publish(self.metrics)
                 watch.set_live(batch.query_start_loc[-1])
         for gone in set(self.resolved) - set(live):
             del self.resolved[gone]

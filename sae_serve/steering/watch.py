@@ -61,8 +61,8 @@ class Watch:
             return
         counts, sums = self._host
         new_counts, new_sums = counts - self._published[0], sums - self._published[1]
-        self._published = (counts.clone(), sums.clone())
-        if new_counts[0] > 0:
+        if new_counts[0] > 0:  # only tokens make any total grow
+            self._published = (counts.clone(), sums.clone())
             w = len(self.names)
             metrics.add_feature_totals(self.sae_name, self.names, int(new_counts[0]), new_counts[1 : 1 + w].tolist(),
                                        new_counts[1 + w :].view(w, -1).tolist(), new_sums.tolist())
