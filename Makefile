@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install install-system test lint serve
+.PHONY: install install-system test fuzz lint serve
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ install-system:
 
 test:
 	$(PY) -m pytest
+
+# More schemathesis cases than CI runs, against a real server; each run is appended to bench/results/fuzz.jsonl.
+FUZZ_CASES ?= 2000
+fuzz:
+	SAE_SERVE_FUZZ_CASES=$(FUZZ_CASES) SAE_SERVE_FUZZ_OUT=$(CURDIR)/bench/results/fuzz.jsonl \
+		$(PY) -m pytest tests/server/test_load.py -k schemathesis
 
 serve:
 	$(VENV)/bin/sae-serve serve

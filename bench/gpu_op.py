@@ -37,16 +37,20 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, SteeringRuntime, StepBatch, bind_site
+from sae_serve.engines.protocol import admit
+from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
+from sae_serve.engines.vllm_site import bind_site
 from sae_serve.metrics import WorkerMetrics
 from sae_serve.sae.model import SaeConfig, build_sae
 from sae_serve.sae.registry import registry_of
 from sae_serve.steering.fixed import Capacity, FixedTables
+from sae_serve.steering.spec import RequestSpec
 from sae_serve.steering.watch import Watch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
+SECRET = b"bench-secret"
 
 
 class DecodeStack:
@@ -138,7 +142,7 @@ def plan(runtime: SteeringRuntime, specs: list[dict | None], tag: str) -> float:
     """Fill the tables for a decode step of ``specs``; the host seconds it took."""
     n = len(specs)
     batch = StepBatch([f"{tag}{i}" for i in range(n)], list(range(n + 1)), [100] * n, [90] * n)
-    extra = {rid: {SPEC_KEY: json.dumps(s), REQUEST_KEY: rid} if s else None
+    extra = {rid: admit(RequestSpec.model_validate(s), secret=SECRET, key=rid).extra_args if s else None
              for rid, s in zip(batch.req_ids, specs, strict=True)}
     runtime.plan_step(batch, extra, batch.req_ids)  # resolves each request once, as in serving
     start = time.perf_counter()
@@ -207,7 +211,7 @@ def main() -> None:
     stack = DecodeStack(args.layers, args.d_model, args.d_ffn, args.kv)
     sae = make_sae(args.d_model, args.d_sae)
     registry = registry_of({"s": sae})
-    runtime = SteeringRuntime(registry, graph_mode=True)
+    runtime = SteeringRuntime(registry, SECRET, graph_mode=True)
     runtime.tables = {"s": FixedTables(sae, Capacity(tokens=max(batches), slots=16, requests=max(batches)))}
     site = bind_site(runtime, registry.saes["s"])
     runtime.metrics = WorkerMetrics(CollectorRegistry())

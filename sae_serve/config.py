@@ -37,22 +37,36 @@ class OpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fixed_shapes: bool = False
-    """Use the fixed-shape op (persistent tables, CUDA-graph shapes) for requests that fit it."""
+    """Use the fixed-shape op (persistent tables, CUDA-graph shapes) for requests that fit it;
+    the rest take the segment path. With CUDA graphs the fixed op is the only one."""
     slots: int = Field(default=16, ge=1, le=1024)
-    """Features one request may edit and read on one SAE with the fixed-shape op; servers refuse more."""
+    """Features one request may edit and read on one SAE in the fixed-shape op. With CUDA graphs
+    the servers refuse more; otherwise such a request takes the segment path."""
 
-    def check(self, request: ResolvedRequest) -> None:
-        """Refuse a request the fixed-shape op could only run partly (never steer it silently less)."""
-        if not self.fixed_shapes:
-            return
+
+class LimitsConfig(BaseModel):
+    """Resource limits on what one request may make the workers hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_readout_values: int = Field(default=524_288, ge=1)
+    """Feature activations one request may get back: features per token times the most tokens it
+    can have (the model's context length). More is refused up front (400); the workers hold no
+    more than this per request either."""
+    readout_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds a finished request's readout waits on the workers to be fetched, then is dropped."""
+
+    def check_readout(self, request: ResolvedRequest, max_model_len: int) -> None:
         readout = request.readout
-        for sae in request.sae_names():
-            edited = request.edits[sae].features if sae in request.edits else ()
-            read = readout.features if readout is not None and readout.sae == sae and readout.features else ()
-            named = len(set(edited) | set(read))  # edits and reads share the slots, as in the plan's features
-            if named > self.slots:
-                raise SpecError("steering.interventions", f"{named} features on SAE {sae!r} exceed this "
-                                f"server's capacity of {self.slots} per request (config op.slots)")
+        if readout is None:
+            return
+        per_token = readout.top_k if readout.top_k is not None else len(readout.features or ())
+        values = per_token * max_model_len
+        if values > self.max_readout_values:
+            field = "return_features.top_k" if readout.top_k is not None else "return_features.features"
+            raise SpecError(field, f"{per_token} features per token over up to {max_model_len} tokens is "
+                            f"{values} values, over this "
+                            f"server's limit of {self.max_readout_values} (config limits.max_readout_values)")
 
 
 class SaeServeConfig(RegistryConfig):
@@ -64,6 +78,8 @@ class SaeServeConfig(RegistryConfig):
     """Feature monitoring."""
     op: OpConfig = OpConfig()
     """The steering op."""
+    limits: LimitsConfig = LimitsConfig()
+    """Resource limits per request."""
 
 
 def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:

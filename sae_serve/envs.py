@@ -26,3 +26,12 @@ def grpc_address() -> tuple[str, int] | None:
 def vllm_api_key() -> str | None:
     """vLLM's own VLLM_API_KEY (the HTTP key when --api-key is not given), which gRPC takes too."""
     return os.environ.get("VLLM_API_KEY") or None
+
+
+SECRET_VAR = "SAE_SERVE_SECRET"
+
+
+def deployment_secret() -> str | None:
+    """SAE_SERVE_SECRET: the key with which the service signs admitted specs and the workers check
+    them. Every process of a deployment needs the same one; unset, workers take no steering."""
+    return os.environ.get(SECRET_VAR) or None

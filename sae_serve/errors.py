@@ -62,3 +62,7 @@ class PolicyError(SpecError):
     def __init__(self, field: str, problem: str, forbidden: bool = False) -> None:
         super().__init__(field, problem)
         self.forbidden = forbidden
+
+
+class WorkerError(SaeServeError):
+    """A worker could not serve a request the service had admitted (HTTP 500, gRPC INTERNAL)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from weakref import WeakKeyDictionary
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 ACTIVATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 HOOK_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
@@ -30,6 +30,22 @@ class WorkerMetrics:
                              ["sae", "feature"], registry=registry)
         self.hook_seconds = Histogram("sae_serve_hook_seconds", "Time of the steering hook per step and SAE.",
                                       ["sae"], buckets=HOOK_BUCKETS, registry=registry)
+        self.rejected_specs = Counter(
+            "sae_serve_rejected_specs", "Steering specs a worker ignored: unauthenticated (not signed by the "
+            "service, e.g. smuggled in vllm_xargs), invalid or unrunnable there.", ["reason"], registry=registry)
+        self.readout_bytes = Gauge("sae_serve_pending_readout_bytes",
+                                   "Bytes of feature activations the workers hold for the API to fetch.",
+                                   registry=registry, multiprocess_mode="livesum")
+        for reason in ("unauthenticated", "invalid", "unrunnable"):
+            self.rejected_specs.labels(reason)
+
+    def declare_watched(self, sae: str, names: list[str]) -> None:
+        """Export every watched feature's series at 0 from the start, so rate() and alerts work
+        before its first firing."""
+        for name in names:
+            self.tokens.labels(sae, name)
+            self.fired.labels(sae, name)
+            self.activation.labels(sae, name)
 
     def add_feature_totals(self, sae: str, names: list[str], tokens: int, fired: list[int],
                            histogram: list[list[int]], sums: list[float]) -> None:
@@ -53,8 +69,11 @@ class ApiMetrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.steered = Counter("sae_serve_steered_requests", "Requests that steer, by intervention mode.",
                                ["mode"], registry=registry)
-        self.refused = Counter("sae_serve_refused_requests", "Requests refused by validation or policy.",
+        self.refused = Counter("sae_serve_refused_requests", "Requests refused by validation, policy or "
+                               "limits, or failed by a worker after admission (worker_error).",
                                ["reason"], registry=registry)
+        for reason in ("invalid", "policy_forbidden", "policy_limit", "capacity", "worker_error"):
+            self.refused.labels(reason)
 
 
 _WORKER: WeakKeyDictionary[CollectorRegistry, WorkerMetrics] = WeakKeyDictionary()

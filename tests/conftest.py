@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The deployment secret with which the service signs specs for the workers (servers and engines
+# started by the tests inherit it, as a deployment's processes share one).
+os.environ.setdefault("SAE_SERVE_SECRET", os.urandom(16).hex())
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from sae_serve.sae.model import SaeConfig, SparseAutoencoder, build_sae  # noqa: E402

@@ -51,8 +51,13 @@ def fresh_metrics_dir() -> Path:
     return folder
 
 
+SHUTDOWN_TIMEOUT_S = 30
+"""On SIGTERM, requests in flight get this long to finish (vLLM's own default, 0, aborts them)."""
+
+
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     from sae_serve.config import load_config
+    from sae_serve.engines.protocol import ensure_secret
     from sae_serve.models import prepare_model
 
     config = args.config or default_config()
@@ -61,6 +66,9 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     extra = [a for a in args.vllm_args if a != "--"]
     if args.model is None and "--dtype" not in extra:
         extra += ["--dtype", "float32"]  # the embedded model's weights are float32 (dequantized GGUF)
+    if not any(a.startswith("--shutdown-timeout") for a in extra):
+        extra += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    ensure_secret()  # one per deployment (the Helm chart sets it from a Secret); vLLM's workers inherit it
     env = {**os.environ, "SAE_SERVE_CONFIG": str(Path(config).resolve()), "VLLM_PLUGINS": "sae_serve",
            "PROMETHEUS_MULTIPROC_DIR": str(fresh_metrics_dir()), "SAE_SERVE_GRPC_HOST": args.host,
            "SAE_SERVE_GRPC_PORT": str(grpc_port(args))}

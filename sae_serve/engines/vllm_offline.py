@@ -1,14 +1,14 @@
 """Offline steered generation on vLLM: ``SteeredLLM`` wraps ``vllm.LLM`` with the plugin.
 
-Specs are validated here against the same config the workers load, so a bad spec is refused
-before it reaches the engine. Each steered request gets a ``cache_salt`` derived from its spec,
-so prompts steered differently never share prefix-cache blocks; a request that reads features
-gets a unique salt, so its prompt is always computed and its prompt activations come back.
+Offline use in the caller's own process is trusted: specs are checked here against the same
+config the workers load (not against the serving policy), then admitted (signed with the secret
+this process makes and vLLM's workers inherit, ``protocol.py``). Each steered request gets a
+cache salt keyed on its spec, so prompts steered differently never share prefix-cache blocks; a
+request that reads features gets a unique salt, so its prompt is computed and read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Sequence
@@ -19,9 +19,18 @@ from typing import Any
 import torch
 
 from sae_serve.config import SaeServeConfig, load_config, write_config
-from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, WORKER_METHOD
-from sae_serve.errors import SaeServeError
+from sae_serve.engines.protocol import (
+    CAPABILITIES,
+    POP_READOUTS,
+    WorkerCapabilities,
+    WorkerReply,
+    admit,
+    ensure_secret,
+    merge_replies,
+)
+from sae_serve.errors import WorkerError
 from sae_serve.sae.registry import build_registry
+from sae_serve.steering.fixed import check_runnable
 from sae_serve.steering.hook import FeatureActivations
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
 
@@ -36,44 +45,13 @@ class SteeredOutput:
     applied: tuple[AppliedIntervention, ...]
 
 
-def cache_salt(spec: RequestSpec) -> str | None:
-    """None for plain requests; the spec's hash when it steers; unique when it reads."""
-    if spec.return_features is not None:
-        return uuid.uuid4().hex
-    if spec.steering and (spec.steering.interventions or spec.steering.vectors):
-        return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:32]
-    return None
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """What a steered request carries into vLLM, built the same way offline and by the servers."""
-
-    key: str
-    """The caller's key for fetching the request's activations from the workers."""
-    extra_args: dict[str, str]
-    """Flat ``SamplingParams.extra_args`` (also valid as the OpenAI server's ``vllm_xargs``)."""
-    cache_salt: str | None
-
-    def prompt(self, text: str) -> dict[str, str]:
-        """The prompt as vLLM takes it, with the request's cache salt."""
-        return {"prompt": text} if self.cache_salt is None else {"prompt": text, "cache_salt": self.cache_salt}
-
-
-def engine_request(spec: RequestSpec) -> EngineRequest:
-    key = uuid.uuid4().hex
-    return EngineRequest(key, {SPEC_KEY: spec.model_dump_json(exclude_none=True), REQUEST_KEY: key},
-                         cache_salt(spec))
-
-
-def _features(raw: dict[str, Any], sae: str | None) -> FeatureActivations | None:
-    if raw.get("error"):
-        raise SaeServeError(f"the engine rejected a request's spec: {raw['error']}")
-    got = raw["features"].get(sae) if sae else None
+def _features(reply: WorkerReply, sae: str | None) -> FeatureActivations | None:
+    if reply.error:
+        raise WorkerError(f"the engine could not serve a request as admitted: {reply.error}")
+    got = reply.features.get(sae) if sae else None
     if not got:
         return None
-    return FeatureActivations(torch.tensor(got["positions"]), torch.tensor(got["indices"]),
-                              torch.tensor(got["values"]))
+    return FeatureActivations(torch.tensor(got.positions), torch.tensor(got.indices), torch.tensor(got.values))
 
 
 class SteeredLLM:
@@ -87,22 +65,29 @@ class SteeredLLM:
             folder = config_dir or Path(os.environ.get("TMPDIR", "/tmp"))
             config = write_config(config, folder / f"sae_serve-{uuid.uuid4().hex[:8]}.json")
         os.environ["SAE_SERVE_CONFIG"] = str(config)  # every vLLM process reads it
+        ensure_secret()  # before vLLM starts its workers: they inherit it
         loaded = load_config(config)
-        self.registry, self.op = build_registry(loaded), loaded.op
+        self.registry, self.limits = build_registry(loaded), loaded.limits
         self.llm = LLM(model=str(model), **llm_kwargs)
+        caps = WorkerCapabilities.from_workers(self.llm.collective_rpc(CAPABILITIES))
+        if caps is None:
+            raise WorkerError("vLLM's workers loaded no SAEs: is the sae_serve general plugin disabled (VLLM_PLUGINS)?")
+        self.capabilities = caps
 
     def validate(self, spec: RequestSpec | dict | None) -> tuple[RequestSpec, ResolvedRequest]:
         """Parse and resolve ``spec`` (raises SpecError / ValidationError naming the field)."""
         parsed = spec if isinstance(spec, RequestSpec) else RequestSpec.model_validate(spec or {})
         resolved = resolve(parsed, self.registry)
-        self.op.check(resolved)
+        if self.capabilities.graph_mode:
+            check_runnable(resolved, self.capabilities.slots)
+        self.limits.check_readout(resolved, self.capabilities.max_model_len)
         return parsed, resolved
 
     def generate(self, prompts: Sequence[str], specs: Sequence[RequestSpec | dict | None],
                  sampling_params: Any) -> list[SteeredOutput]:
         """Generate ``prompts[i]`` under ``specs[i]``; every spec is checked before any is sent."""
         checked = [self.validate(s) for s in specs]
-        engine = [engine_request(spec) for spec, _ in checked]
+        engine = [admit(spec) for spec, _ in checked]
         items, params = [], []
         for prompt, req in zip(prompts, engine, strict=True):
             items.append(req.prompt(prompt))
@@ -110,15 +95,14 @@ class SteeredLLM:
             p.extra_args = {**(p.extra_args or {}), **req.extra_args}
             params.append(p)
         outputs = self.llm.generate(items, params, use_tqdm=False)
-        readouts: dict[str, Any] = {}
-        for worker in self.llm.collective_rpc(WORKER_METHOD, args=([r.key for r in engine],)):
-            readouts.update({k: v for k, v in worker.items() if v["features"] or v["error"]})
+        keys = [r.key for r in engine]
+        readouts = merge_replies(self.llm.collective_rpc(POP_READOUTS, args=(keys,)), keys)
         results = []
         for out, (spec, resolved), req in zip(outputs, checked, engine, strict=True):
             completion = out.outputs[0]
             sae = spec.return_features.sae if spec.return_features else None
             results.append(SteeredOutput(
                 list(out.prompt_token_ids), list(completion.token_ids), completion.text,
-                _features(readouts.get(req.key, {"features": {}}), sae), resolved.applied))
+                _features(readouts[req.key], sae), resolved.applied))
         return results
 

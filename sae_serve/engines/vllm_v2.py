@@ -8,9 +8,12 @@ op never runs. So, after the model loads:
   fixed-shape op's tables (``steering/fixed.py``);
 - the runtime runs in ``graph_mode``: the op runs the tables' kernels every step, so a captured
   graph replays the steering of whatever requests the next step holds.
-What needs variable shapes cannot run here: a TopK SAE refuses to load on this path, and a
-request asking for a top-k readout or more features than ``op.slots`` is not steered and gets
-an error in its readout (the API servers refuse the latter up front). The watched features are
+What needs variable shapes cannot run here: a TopK SAE refuses to load on this path, and the
+servers refuse a request asking for a top-k readout or more features than ``op.slots`` up front
+(they learn at startup that the workers replay graphs); should one arrive anyway it is not
+steered and its reply carries the error, which the servers answer as a failure.
+vLLM runs dummy batches through ``prepare_inputs`` too (profile, warm-up, graph capture), whose
+request ids never went through ``add_request``: they are plain requests with no prompt. The watched features are
 totalled inside the graph too (``steering/watch.py``). The tables are written with copies on the
 current CUDA stream, the one vLLM 0.32's V2 runner calls ``prepare_inputs`` on right before the
 forward (read from its code), so they land after the previous step's kernels and before this
@@ -22,15 +25,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from sae_serve.engines.vllm_plugin import SteeringRuntime, StepBatch, attach
+from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
+from sae_serve.engines.vllm_site import attach
 
 
 def step_batch(input_batch: Any, prompt_lens: dict[str, int]) -> StepBatch:
-    """The V2 runner's InputBatch (batch order, unpadded) as the runtime's StepBatch."""
+    """The V2 runner's InputBatch (batch order, unpadded) as the runtime's StepBatch; requests
+    it never added (dummy batches) have no prompt."""
     n = input_batch.num_reqs
     req_ids = list(input_batch.req_ids[:n])
     return StepBatch(req_ids, [int(q) for q in input_batch.query_start_loc_np[: n + 1]],
-                     [int(c) for c in input_batch.num_computed_tokens_np[:n]], [prompt_lens[r] for r in req_ids])
+                     [int(c) for c in input_batch.num_computed_tokens_np[:n]], [prompt_lens.get(r, 0) for r in req_ids])
+
+
+def prompt_len(new_req_data: Any) -> int:
+    """vLLM's own count (token ids, or the rows of prompt embeddings)."""
+    if hasattr(new_req_data, "prompt_len"):
+        return int(new_req_data.prompt_len)
+    embeds = getattr(new_req_data, "prompt_embeds", None)
+    return len(new_req_data.prompt_token_ids) if new_req_data.prompt_token_ids is not None else (
+        0 if embeds is None else int(embeds.shape[0]))
 
 
 class SteeringModelState:
@@ -57,7 +71,7 @@ class SteeringModelState:
     def add_request(self, req_index: int, new_req_data: Any) -> None:
         params = new_req_data.sampling_params
         self._extra_args[new_req_data.req_id] = params.extra_args if params is not None else None
-        self._prompt_lens[new_req_data.req_id] = len(new_req_data.prompt_token_ids or ())
+        self._prompt_lens[new_req_data.req_id] = prompt_len(new_req_data)
         self._inner.add_request(req_index, new_req_data)
 
     def remove_request(self, req_id: str) -> None:

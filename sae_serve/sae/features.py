@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from sae_serve.errors import SaeFormatError, SpecError, first_field_error
 
@@ -46,6 +46,7 @@ class FeatureCatalog(BaseModel):
     """Metadata by feature index; features without an entry have none."""
     watchlist: tuple[int, ...] = ()
     """Features whose activations are exported as metrics."""
+    _by_label: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @field_validator("features")
     @classmethod
@@ -60,6 +61,7 @@ class FeatureCatalog(BaseModel):
         bad = [i for i in (*self.features, *self.watchlist) if not 0 <= i < self.d_sae]
         if bad:
             raise ValueError(f"feature indices {bad} are outside 0..{self.d_sae - 1}")
+        self._by_label = {info.label: index for index, info in self.features.items() if info.label is not None}
 
     # --- lookups -------------------------------------------------------------------------------
     def info(self, index: int) -> FeatureInfo:
@@ -71,10 +73,9 @@ class FeatureCatalog(BaseModel):
     def resolve(self, ref: int | str, field: str) -> int:
         """A feature index from an index or a label; ``field`` names the request field in errors."""
         if isinstance(ref, str):
-            for index, info in self.features.items():
-                if info.label == ref:
-                    return index
-            raise SpecError(field, f"no feature is labelled {ref!r}")
+            if ref not in self._by_label:
+                raise SpecError(field, f"no feature is labelled {ref!r}")
+            return self._by_label[ref]
         if not 0 <= ref < self.d_sae:
             raise SpecError(field, f"feature index {ref} is outside 0..{self.d_sae - 1}")
         return ref

@@ -3,6 +3,7 @@ the same engine client as HTTP, with the same service layer (validation, policy,
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -15,7 +16,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sae_serve.errors import PolicyError, SpecError
+from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.grpc_stubs import load
 from sae_serve.server.service import SteeringService
 
@@ -69,8 +70,6 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        from vllm import SamplingParams
-
         if not request.prompt:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty")
         max_tokens = request.max_tokens or 16
@@ -80,6 +79,28 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
         if request.temperature < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "temperature: must be >= 0")
         prepared = await self._prepare(request, context)
+        sent, finished = 0, False
+        try:
+            async for message in self._generate(request, max_tokens, prepared):
+                sent += 1
+                finished = bool(message.finish_reason)
+                yield message
+        except WorkerError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except Exception as exc:
+            from vllm.exceptions import VLLMClientError
+
+            # vLLM's own checks (temperature, a prompt longer than the context) fail before any output.
+            if isinstance(exc, VLLMClientError) or (isinstance(exc, ValueError | TypeError) and not sent):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        finally:
+            if prepared is not None and not finished:  # cancelled or failed: drop what the workers hold
+                await self.service.discard(self.engine, prepared)
+
+    async def _generate(self, request: Any, max_tokens: int, prepared: Any) -> AsyncIterator[Any]:
+        from vllm import SamplingParams
+
         params = SamplingParams(max_tokens=max_tokens, min_tokens=request.min_tokens,
                                 temperature=request.temperature,
                                 seed=request.seed if request.HasField("seed") else None,
@@ -91,10 +112,12 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             completion = output.outputs[0]
             message = pb.GenerateResponse(text=completion.text[sent_text:],
                                           token_ids=list(completion.token_ids[sent_tokens:]))
+            first = sent_tokens == 0
             sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
             if output.finished:
                 message.finish_reason = completion.finish_reason or ""
-            if prepared is not None:
+            # A request that only steers is checked for a worker's error on its first and last message.
+            if prepared is not None and (prepared.readout_sae is not None or first or output.finished):
                 await self._attach(message, prepared, output.finished)
             yield message
 
@@ -104,7 +127,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             for a in prepared.applied:
                 message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=MODE_OF[a.mode],
                                     value=a.value)
-        features = await self.service.activations(self.engine, prepared)
+        features = await self.service.collect(self.engine, prepared)
         if features is not None:
             message.features_sae = features["sae"]
             for token in features["tokens"]:
@@ -121,7 +144,9 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
     async def GetFeature(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         ref = _ref(request.feature)
         try:
-            card = self.service.feature(request.sae, "" if ref is None else str(ref))
+            if ref is None:
+                raise SpecError("feature", "name the feature by index or label")
+            card = self.service.feature(request.sae, ref)
         except SpecError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND if exc.field in ("sae", "feature") else
                                 grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -190,10 +215,33 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return self.deny
 
 
+def _drain_on_shutdown(engine_client: Any, server: grpc.aio.Server, health_servicer: Any,
+                       names: tuple[str, ...]) -> None:
+    """On SIGTERM vLLM's server first calls ``engine_client.shutdown`` (from a thread), which then
+    drains or aborts the engine's requests: before that, readiness turns NOT_SERVING and the
+    server takes no new calls, while the calls in flight finish as the engine lets them."""
+    loop = asyncio.get_running_loop()
+    original = engine_client.shutdown
+    stopping: list[asyncio.Task] = []
+
+    async def stop_serving() -> None:
+        for name in names:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        grace = getattr(engine_client.vllm_config, "shutdown_timeout", 0) or None  # 0: vLLM aborts, so do we
+        stopping.append(loop.create_task(server.stop(grace=grace)))
+
+    def shutdown(*args: Any, **kwargs: Any) -> Any:
+        if loop.is_running():
+            asyncio.run_coroutine_threadsafe(stop_serving(), loop).result(timeout=10)
+        return original(*args, **kwargs)
+
+    engine_client.shutdown = shutdown
+
+
 async def start_grpc(service: SteeringService, engine_client: Any, host: str, port: int,
                      api_keys: tuple[str, ...] = ()) -> grpc.aio.Server:
     """Start the gRPC server (SaeServe, health, reflection) on ``host:port``; with ``api_keys``, SaeServe
-    calls must carry one of them."""
+    calls must carry one of them. It stops serving (readiness first) when vLLM shuts down."""
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else [])
     server.add_generic_rpc_handlers((_handlers(SaeServeServicer(service, engine_client)),))
     health_servicer = health.aio.HealthServicer()
@@ -204,5 +252,6 @@ async def start_grpc(service: SteeringService, engine_client: Any, host: str, po
     await server.start()
     for name in ("", names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    _drain_on_shutdown(engine_client, server, health_servicer, ("", names[0]))
     logger.info("sae_serve gRPC on %s:%d", host, port)
     return server

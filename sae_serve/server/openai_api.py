@@ -1,12 +1,15 @@
 """The vLLM endpoint plugin: steering on the OpenAI-compatible API (vLLM's own server).
 
 /v1/completions and /v1/chat/completions accept a top-level ``steering`` object and
-``return_features`` (the openai client sends them with ``extra_body``); the route validates them,
-hands vLLM the spec through ``vllm_xargs`` and a ``cache_salt``, calls vLLM's own handler, and
-adds an ``sae`` object to the response: the steering applied (clamp values resolved) and, when
-asked, per-token feature activations. In a stream, each chunk carries the activations of the tokens
-computed since the previous chunk, and the final chunk (the one with a finish_reason) also the
-steering applied. GET /v1/saes and /v1/features/{sae}/{feature} describe what is loaded.
+``return_features`` (the openai client sends them with ``extra_body``); the route validates and
+admits them (``service.py``), hands vLLM the signed spec through ``vllm_xargs`` and a keyed
+``cache_salt``, calls vLLM's own handler, and adds an ``sae`` object to the response: the steering
+applied (clamp values resolved) and, when asked, per-token feature activations. In a stream, each
+chunk carries the activations of the tokens computed since the previous chunk, and the final chunk
+(the one with a finish_reason) also the steering applied. A request a worker failed is never a
+success: a 500, or in a stream an error event. GET /v1/saes and /v1/features/{sae}/{feature}
+describe what is loaded. Other routes take no steering: a spec smuggled in their ``vllm_xargs``
+is unsigned, and the workers ignore it.
 """
 
 
@@ -21,7 +24,7 @@ from pydantic import Field, SkipValidation, create_model, model_validator
 
 from sae_serve import envs
 from sae_serve.config import config_from_env
-from sae_serve.errors import PolicyError, SpecError
+from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.service import SteeringService
 from sae_serve.steering.spec import FeatureReadoutSpec, SteeringSpec
 
@@ -29,9 +32,16 @@ STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale
 READOUT_DOC = "sae_serve: return per-token feature activations of one SAE."
 
 
+ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
+               500: "InternalServerError"}
+
+
+def _error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES[status], "param": param, "code": status}}
+
+
 def _error(status: int, message: str, param: str | None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": "BadRequestError", "param": param, "code": status}})
+    return JSONResponse(status_code=status, content=_error_body(status, message, param))
 
 
 @model_validator(mode="before")
@@ -55,25 +65,33 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
 
     async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
         service: SteeringService = raw_request.app.state.sae_serve
+        engine_client = raw_request.app.state.engine_client
         try:
             prepared = service.prepare(service.parse({"steering": request.steering,
-                                                      "return_features": request.return_features}))
+                                                      "return_features": request.return_features}),
+                                       client_salt=request.cache_salt, choices=request.n or 1)
         except SpecError as exc:
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
         request.vllm_xargs = {**(request.vllm_xargs or {}), **prepared.engine.extra_args}
-        if prepared.engine.cache_salt is not None:
-            request.cache_salt = prepared.engine.cache_salt
-        response = await vllm_handler(request, raw_request)
+        request.cache_salt = prepared.engine.cache_salt
+        try:
+            response = await vllm_handler(request, raw_request)
+        except BaseException:
+            await service.discard(engine_client, prepared)
+            raise
         if isinstance(response, StreamingResponse):
-            response.body_iterator = _with_sae(response.body_iterator, service, prepared,
-                                                 raw_request.app.state.engine_client)
+            response.body_iterator = _with_sae(response.body_iterator, service, prepared, engine_client)
             return response
         if not isinstance(response, JSONResponse) or response.status_code != 200:
+            await service.discard(engine_client, prepared)
             return response
         body = json.loads(response.body)
-        features = await service.activations(raw_request.app.state.engine_client, prepared)
+        try:
+            features = await service.collect(engine_client, prepared)
+        except WorkerError as exc:
+            return _error(500, str(exc), None)
         body["sae"] = service.response_object(prepared, features)
         return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
                                                    if k.lower() not in ("content-length", "content-type")})
@@ -85,27 +103,40 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                     engine_client: Any) -> AsyncIterator[str]:
     """Pass SSE events through, adding an ``sae`` object: to each event, the activations of the tokens
     computed since the previous one (when the request asked for them); to the first event with a
-    finish_reason, the steering applied and the rest of the activations."""
-    finished = False
-    async for chunk in chunks:
-        text = chunk if isinstance(chunk, str) else chunk.decode()
-        events = text.split("\n\n")
-        for i, event in enumerate(events):
-            if finished or not event.startswith("data: {"):
-                continue
-            if prepared.readout_sae is None and '"finish_reason":"' not in event.replace(" ", ""):
-                continue  # a request that only steers needs only its final event parsed
-            body = json.loads(event.removeprefix("data: "))
-            finished = any(choice.get("finish_reason") for choice in body.get("choices", []))
-            features = await service.activations(engine_client, prepared)
-            if finished:
-                body["sae"] = service.response_object(prepared, features)
-            elif features is not None and features["tokens"]:
-                body["sae"] = {"features": features}
-            else:
-                continue
-            events[i] = "data: " + json.dumps(body)
-        yield "\n\n".join(events)
+    finish_reason, the steering applied and the rest of the activations. The first event and the
+    last are checked for a worker's error (a request that only steers parses just those two); an
+    error ends the stream with an error event, as vLLM ends a stream that fails."""
+    finished, checked = False, False
+    try:
+        async for chunk in chunks:
+            text = chunk if isinstance(chunk, str) else chunk.decode()
+            events = text.split("\n\n")
+            for i, event in enumerate(events):
+                if finished or not event.startswith("data: {"):
+                    continue
+                final = '"finish_reason":"' in event.replace(" ", "")
+                if prepared.readout_sae is None and checked and not final:
+                    continue
+                body = json.loads(event.removeprefix("data: "))
+                finished = any(choice.get("finish_reason") for choice in body.get("choices", []))
+                try:
+                    features = await service.collect(engine_client, prepared)
+                except WorkerError as exc:
+                    finished = True
+                    yield f"data: {json.dumps(_error_body(500, str(exc), None))}\n\ndata: [DONE]\n\n"
+                    return
+                checked = True
+                if finished:
+                    body["sae"] = service.response_object(prepared, features)
+                elif features is not None and features["tokens"]:
+                    body["sae"] = {"features": features}
+                else:
+                    continue
+                events[i] = "data: " + json.dumps(body)
+            yield "\n\n".join(events)
+    finally:
+        if not finished:  # the client hung up, or the stream failed: drop what the workers hold
+            await service.discard(engine_client, prepared)
 
 
 class SaeServeEndpoints:
@@ -129,21 +160,26 @@ class SaeServeEndpoints:
 
         @app.get("/v1/features/{sae}/{feature}")
         async def get_feature(sae: str, feature: str, raw_request: Request) -> Response:
+            service: SteeringService = raw_request.app.state.sae_serve
             try:
-                return JSONResponse(raw_request.app.state.sae_serve.feature(sae, feature))
+                return JSONResponse(service.feature(sae, service.path_ref(feature)))
             except SpecError as exc:
                 return _error(404, str(exc), exc.field)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = config_from_env()
-        if config is None:
-            raise RuntimeError("sae_serve endpoint plugin: set SAE_SERVE_CONFIG (sae-serve serve does)")
-        state.sae_serve = SteeringService(config)
+        if config is None or envs.deployment_secret() is None:
+            raise RuntimeError("sae_serve endpoint plugin: set SAE_SERVE_CONFIG and SAE_SERVE_SECRET in every "
+                               "process of the server (sae-serve serve does)")
+        state.sae_serve = service = SteeringService(config)
+        if engine_client is None:
+            return
+        await service.learn_capabilities(engine_client)
         address = envs.grpc_address()
-        if address is not None and engine_client is not None:
+        if address is not None:
             from sae_serve.server.grpc_server import start_grpc
 
-            state.sae_serve_grpc = await start_grpc(state.sae_serve, engine_client, *address, api_keys=api_keys(args))
+            state.sae_serve_grpc = await start_grpc(service, engine_client, *address, api_keys=api_keys(args))
 
 
 def api_keys(args: Namespace) -> tuple[str, ...]:

@@ -1,21 +1,32 @@
-"""The service layer every API adapter calls: validate a request's steering, turn it into what
-the engine reads, collect its activations, and describe the loaded SAEs and features.
+"""The service layer every API adapter calls: validate a request's steering, admit it (sign it for
+the workers), collect its activations and errors, and describe the loaded SAEs and features.
 Written once, so HTTP and gRPC enforce the same rules and build the same answers."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from sae_serve.config import SaeServeConfig
-from sae_serve.engines.vllm_offline import EngineRequest, engine_request
-from sae_serve.engines.vllm_plugin import WORKER_METHOD
-from sae_serve.errors import PolicyError, SpecError, field_path
+from sae_serve.engines.protocol import (
+    CAPABILITIES,
+    POP_READOUTS,
+    EngineRequest,
+    Readout,
+    WorkerCapabilities,
+    admit,
+    merge_replies,
+)
+from sae_serve.errors import PolicyError, SaeServeError, SpecError, WorkerError, field_path
 from sae_serve.metrics import ApiMetrics, api_metrics
 from sae_serve.sae.registry import SaeRegistry, build_registry
-from sae_serve.steering.spec import AppliedIntervention, RequestSpec, resolve
+from sae_serve.steering.fixed import check_runnable
+from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
+
+FEATURE_INDEX = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -28,12 +39,23 @@ class PreparedRequest:
 
 
 class SteeringService:
-    def __init__(self, config: SaeServeConfig, metrics: ApiMetrics | None = None) -> None:
+    def __init__(self, config: SaeServeConfig, metrics: ApiMetrics | None = None,
+                 capabilities: WorkerCapabilities | None = None) -> None:
         # The API process keeps SAEs on the CPU for validation and feature cards only.
         self.registry: SaeRegistry = build_registry(config)
         self.policy = config.policy
-        self.op = config.op
+        self.limits = config.limits
         self.metrics = metrics or api_metrics()
+        self.capabilities = capabilities
+        """What the workers can run; learned from them at startup (``learn_capabilities``)."""
+
+    async def learn_capabilities(self, engine_client: Any) -> WorkerCapabilities:
+        caps = WorkerCapabilities.from_workers(await engine_client.collective_rpc(CAPABILITIES))
+        if caps is None:
+            raise SaeServeError("vLLM's workers loaded no SAEs: enable the general plugin in every process "
+                                "(VLLM_PLUGINS=sae_serve) and give them the same SAE_SERVE_CONFIG")
+        self.capabilities = caps
+        return caps
 
     def parse(self, body: dict[str, Any]) -> RequestSpec:
         """A request's ``steering`` and ``return_features`` as a RequestSpec; SpecError naming the
@@ -45,13 +67,12 @@ class SteeringService:
             err = exc.errors()[0]
             raise SpecError(field_path(err["loc"]), err["msg"]) from None
 
-    def prepare(self, spec: RequestSpec) -> PreparedRequest | None:
+    def prepare(self, spec: RequestSpec, client_salt: str | None = None, choices: int = 1) -> PreparedRequest | None:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
         policy refuses it) naming the field. Counts steered and refused requests."""
         try:
             resolved = resolve(spec, self.registry)
             self.policy.check(spec, resolved, self.registry)
-            self.op.check(resolved)
         except PolicyError as exc:
             self.metrics.refused.labels("policy_forbidden" if exc.forbidden else "policy_limit").inc()
             raise
@@ -60,26 +81,49 @@ class SteeringService:
             raise
         if resolved.is_empty:
             return None
+        try:
+            self._check_capacity(resolved, choices)
+        except SpecError:
+            self.metrics.refused.labels("capacity").inc()
+            raise
         for mode in sorted({a.mode for a in resolved.applied} | ({"vector"} if resolved.vectors else set())):
             self.metrics.steered.labels(mode).inc()
-        return PreparedRequest(engine_request(spec), resolved.applied,
+        return PreparedRequest(admit(spec, client_salt), resolved.applied,
                                spec.return_features.sae if spec.return_features else None)
 
-    async def activations(self, engine_client: Any, prepared: PreparedRequest) -> dict[str, Any] | None:
-        """The request's readout from the workers (removed there), as a JSON-ready object."""
+    def _check_capacity(self, resolved: ResolvedRequest, choices: int) -> None:
+        """What the workers could not run whole, or could hold only past the limits."""
+        if resolved.readout is not None and choices > 1:
+            raise SpecError("n", f"return_features reads one sequence: ask for {choices} choices as separate "
+                            "requests, or drop return_features")
+        caps = self.capabilities
+        if caps is None:
+            return
+        if caps.graph_mode:
+            check_runnable(resolved, caps.slots)
+        self.limits.check_readout(resolved, caps.max_model_len)
+
+    async def collect(self, engine_client: Any, prepared: PreparedRequest) -> dict[str, Any] | None:
+        """The request's readout so far (removed from the workers) as a JSON-ready object, None
+        when it does not read. Raises WorkerError (counted) when a worker failed it."""
+        key = prepared.engine.key
+        reply = merge_replies(await engine_client.collective_rpc(POP_READOUTS, args=([key],)), [key])[key]
+        if reply.error is not None:
+            self.metrics.refused.labels("worker_error").inc()
+            raise WorkerError(f"the engine could not serve this request as admitted: {reply.error}")
         if prepared.readout_sae is None:
             return None
-        key = prepared.engine.key
-        for worker in await engine_client.collective_rpc(WORKER_METHOD, args=([key],)):
-            got = worker.get(key, {})
-            if got.get("features", {}).get(prepared.readout_sae):
-                return self._tokens(prepared.readout_sae, got["features"][prepared.readout_sae])
-        return {"sae": prepared.readout_sae, "tokens": []}
+        got = reply.features.get(prepared.readout_sae)
+        return self._tokens(prepared.readout_sae, got) if got else {"sae": prepared.readout_sae, "tokens": []}
 
-    def _tokens(self, sae: str, raw: dict[str, list]) -> dict[str, Any]:
+    async def discard(self, engine_client: Any, prepared: PreparedRequest) -> None:
+        """Drop what the workers hold for a request that ended without its answer (aborted)."""
+        await engine_client.collective_rpc(POP_READOUTS, args=([prepared.engine.key],))
+
+    def _tokens(self, sae: str, raw: Readout) -> dict[str, Any]:
         catalog = self.registry.saes[sae].catalog
         tokens = []
-        for position, indices, values in zip(raw["positions"], raw["indices"], raw["values"], strict=True):
+        for position, indices, values in zip(raw.positions, raw.indices, raw.values, strict=True):
             feats = [{"feature": i, "label": catalog.label_of(i), "activation": round(v, 4)}
                      for i, v in zip(indices, values, strict=True)]
             tokens.append({"position": position, "features": feats})
@@ -99,9 +143,15 @@ class SteeringService:
                         "labelled_features": {i.label: f for f, i in loaded.catalog.features.items() if i.label}})
         return out
 
-    def feature(self, sae: str, ref: str) -> dict[str, Any]:
+    def feature(self, sae: str, ref: int | str) -> dict[str, Any]:
+        """A feature's card, by index or label (a URL path segment of ASCII digits is an index)."""
         if sae not in self.registry.saes:
             raise SpecError("sae", f"unknown SAE {sae!r} (loaded: {sorted(self.registry.saes)})")
         catalog = self.registry.saes[sae].catalog
-        index = catalog.resolve(int(ref) if ref.lstrip("-").isdigit() else ref, "feature")
+        index = catalog.resolve(ref, "feature")
         return {"sae": sae, "feature": index, **catalog.info(index).model_dump()}
+
+    @staticmethod
+    def path_ref(segment: str) -> int | str:
+        """A feature named in a URL: ASCII digits are an index, anything else a label."""
+        return int(segment) if FEATURE_INDEX.fullmatch(segment) else segment

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_serve.errors import SaeServeError
+from sae_serve.errors import SaeServeError, SpecError
 from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
 from sae_serve.steering.hook import FeatureActivations, read_features
 from sae_serve.steering.plan import RequestPlan, SaePlan, Segment
+from sae_serve.steering.spec import ResolvedRequest
 
 
 class CapacityError(SaeServeError):
@@ -48,7 +49,23 @@ class Capacity:
 
 def fits(plan: RequestPlan, capacity: Capacity) -> bool:
     """Whether the fixed op can run ``plan`` (else it takes the segment path)."""
-    return plan.subset is not None and plan.top_k is None and len(plan.host.features) <= capacity.slots
+    return not plan.full_encode and len(plan.host.features) <= capacity.slots
+
+
+def check_runnable(request: ResolvedRequest, slots: int) -> None:
+    """Refuse, naming the field, a request that the fixed op alone (CUDA graphs) could run only
+    partly: it is never steered silently less than it asked."""
+    readout = request.readout
+    if readout is not None and readout.top_k is not None:
+        raise SpecError("return_features.top_k", "this server replays CUDA graphs, which cannot rank every "
+                        "feature per token; name the features to read instead")
+    for sae in request.sae_names():
+        edited = request.edits[sae].features if sae in request.edits else ()
+        read = readout.features if readout is not None and readout.sae == sae and readout.features else ()
+        named = len(set(edited) | set(read))  # edits and reads share the slots, as in the plan's features
+        if named > slots:
+            raise SpecError("steering.interventions", f"{named} features on SAE {sae!r} exceed this server's "
+                            f"capacity of {slots} per request (config op.slots)")
 
 
 class FixedTables:

@@ -35,7 +35,7 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
                  ) -> tuple[torch.Tensor | None, int, FeatureActivations | None]:
     """(delta for the rows from the returned local offset on, or None; that offset; readout)."""
     plan = seg.plan
-    full = sae.encode(x_rows) if plan.subset is None else None
+    full = sae.encode(x_rows) if plan.full_encode else None
     acts = sae.encode_subset(x_rows, plan.subset) if full is None else full[:, plan.features]
     delta, first = None, 0
     if plan.steers:

@@ -64,8 +64,9 @@ class RequestPlan:
     """One request's work on one SAE, prepared once."""
 
     features: torch.Tensor  # (m,) long: the features this request edits or reads
-    subset: FeatureSubset | None  # encoder slices of ``features``; None when all features are encoded
-    w_dec: torch.Tensor  # (m, d_in) decoder rows of ``features``
+    full_encode: bool  # every feature is encoded (a TopK SAE, or a top-k readout)
+    subset: FeatureSubset | None  # encoder slices of ``features``; None with full_encode or without slices
+    w_dec: torch.Tensor  # (m, d_in) decoder rows of ``features`` ((0, d_in) without slices)
     mult: torch.Tensor | None  # (m,) multiplier of a (1 for read-only features); None: no edit
     offset: torch.Tensor | None  # (m,) offset (0 for read-only features)
     vector: torch.Tensor | None  # (d_in,) summed steering vectors
@@ -83,8 +84,10 @@ class RequestPlan:
         return self.top_k is not None or self.read_columns is not None
 
 
-def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder) -> RequestPlan | None:
-    """The request's work on SAE ``sae_name`` in the SAE's dtype and device, or None."""
+def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder,
+            slices: bool = True) -> RequestPlan | None:
+    """The request's work on SAE ``sae_name`` in the SAE's dtype and device, or None. Without
+    ``slices`` (the fixed op gathers from the SAE itself) no encoder or decoder rows are copied."""
     if req is None or sae_name not in req.sae_names():
         return None
     device, dtype = sae.W_dec.device, sae.dtype
@@ -104,7 +107,8 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder) 
     column = {f: j for j, f in enumerate(features)}
     full = sae.cfg.architecture == "topk" or (readout is not None and readout.top_k is not None)
     return RequestPlan(
-        features=index, subset=None if full else sae.subset(index), w_dec=sae.W_dec[index],
+        features=index, full_encode=full, subset=None if full or not slices else sae.subset(index),
+        w_dec=sae.W_dec[index] if slices else sae.W_dec[:0],
         mult=mult, offset=offset,
         vector=req.vectors[sae_name].to(device=device, dtype=dtype) if sae_name in req.vectors else None,
         positions=req.positions, top_k=readout.top_k if readout else None,
@@ -113,9 +117,10 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder) 
     )
 
 
-def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencoder]) -> dict[str, RequestPlan]:
+def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencoder],
+                slices: bool = True) -> dict[str, RequestPlan]:
     """``prepare`` for every SAE the request names."""
-    plans = {name: prepare(name, req, sae) for name, sae in saes.items()}
+    plans = {name: prepare(name, req, sae, slices) for name, sae in saes.items()}
     return {name: plan for name, plan in plans.items() if plan is not None}
 
 

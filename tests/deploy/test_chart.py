@@ -48,10 +48,23 @@ def test_helm_lint_strict_passes(values: Path | None) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_the_signing_secret_reaches_the_server_from_a_secret() -> None:
+    """Every process of the server shares SAE_SERVE_SECRET: made by the chart, or the operator's."""
+    made = render()
+    [secret] = [d for d in made if d["kind"] == "Secret"]
+    env = {e["name"]: e for e in _server(made)["env"]}
+    ref = env["SAE_SERVE_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": secret["metadata"]["name"], "key": "secret"} and len(secret["data"]["secret"]) > 64
+    theirs = render("--set", "signingSecret.existingSecret=mine", "--set", "signingSecret.key=k")
+    assert not [d for d in theirs if d["kind"] == "Secret"]
+    ref = {e["name"]: e for e in _server(theirs)["env"]}["SAE_SERVE_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "mine", "key": "k"}
+
+
 @pytest.mark.parametrize(("args", "crds", "version", "kinds"), [
-    ((), False, "1.30.0", {"ConfigMap", "Service", "Deployment"}),
+    ((), False, "1.30.0", {"ConfigMap", "Service", "Deployment", "Secret"}),
     (("-f", str(PRODUCTION)), True, "1.30.0", {"ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
-                                                "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule"}),
+                                                "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule", "Secret"}),
     (("--set", "saeSource.type=image", "--set", "saeSource.image.reference=registry.example.com/saes:1",
       "--set", "apiKeys.values={k1}"), False, "1.33.0", {"ConfigMap", "Service", "Deployment", "Secret"}),
 ], ids=["default", "production", "image-volume"])

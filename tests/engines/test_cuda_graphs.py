@@ -9,7 +9,6 @@ records the GPU run."""
 
 from __future__ import annotations
 
-import json
 import random
 from types import SimpleNamespace
 
@@ -17,14 +16,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from sae_serve.engines.vllm_plugin import (
-    REQUEST_KEY,
-    SPEC_KEY,
-    SteeringRuntime,
-    StepBatch,
-    bind_site,
-    replays_cuda_graphs,
-)
+from sae_serve.engines.protocol import admit
+from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
+from sae_serve.engines.vllm_site import bind_site, replays_cuda_graphs
 from sae_serve.metrics import WorkerMetrics
 from sae_serve.steering.fixed import Capacity, FixedTables
 from sae_serve.steering.hook import apply_plan_split_
@@ -36,6 +30,7 @@ from tests.steering.test_watch import FEATURES, NAMES, THRESHOLDS, flush, refere
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = 32  # the captured batch: steps pad up to it
+SECRET = b"test-deployment-secret"
 
 
 class CapturedOp:
@@ -106,7 +101,7 @@ def graph():
     reg = registry("jumprelu")
     loaded = reg.saes["s"]
     loaded.sae.to(DEVICE)
-    runtime = SteeringRuntime(reg, graph_mode=True)
+    runtime = SteeringRuntime(reg, SECRET, graph_mode=True)
     runtime.tables = {"s": FixedTables(loaded.sae, Capacity(tokens=ROWS, slots=4, requests=8))}
     prom = CollectorRegistry()
     runtime.metrics = WorkerMetrics(prom)
@@ -116,7 +111,7 @@ def graph():
 
 
 def _run(graph, batch: StepBatch, specs: list[dict | None], stream) -> tuple[torch.Tensor, dict]:
-    extra = {rid: {SPEC_KEY: json.dumps(spec), REQUEST_KEY: rid} if spec else None
+    extra = {rid: admit(RequestSpec.model_validate(spec), secret=SECRET, key=rid).extra_args if spec else None
              for rid, spec in zip(batch.req_ids, specs, strict=True)}
     graph.runtime.plan_step(batch, extra, batch.req_ids)
     out = graph.op(*stream)
@@ -146,9 +141,9 @@ def test_replays_steer_each_step_as_the_eager_path_and_only_the_requests_rows(gr
         rows = batch.query_start_loc[-1]
         assert torch.equal(got[rows:], stream[0][rows:]), "padding rows must be untouched"
         for rid, acts in want_readouts.items():
-            values = torch.tensor(readouts[rid]["features"]["s"]["values"])
+            values = torch.tensor(readouts[rid].features["s"].values)
             torch.testing.assert_close(values, acts.values, rtol=1e-5, atol=1e-5)
-            assert readouts[rid]["features"]["s"]["positions"] == acts.positions.tolist()
+            assert readouts[rid].features["s"].positions == acts.positions.tolist()
         # The same first request with every neighbour plain: its rows are bit-identical.
         alone = StepBatch([f"{rid}-alone" for rid in batch.req_ids], batch.query_start_loc, batch.computed,
                           batch.prompt_lens)

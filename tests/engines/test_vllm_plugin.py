@@ -152,11 +152,10 @@ def test_bad_specs_are_refused_before_the_engine(llm) -> None:
             {"sae": "layer15", "feature": 1, "mode": "add", "value": float("nan")}]}}], greedy(2))
     nine = {"steering": {"interventions": [{"sae": "layer15", "feature": f, "mode": "add", "value": 1.0}
                                            for f in range(9)]}}
-    if llm.op.fixed_shapes:  # over capacity: refused, never steered partly
-        with pytest.raises(SpecError, match="capacity of 8 per request"):
-            llm.generate(["hi"], [nine], greedy(2))
-    else:
-        assert llm.generate(["hi"], [nine], greedy(2))[0].applied
+    # Without CUDA graphs a request over the fixed op's 8 slots takes the segment path, whole
+    # (with graphs it is refused: tests/steering/test_policy.py).
+    assert not llm.capabilities.graph_mode
+    assert len(llm.generate(["hi"], [nine], greedy(2))[0].applied) == 9
     [ok] = llm.generate(["The capital of France is"], [None], greedy(3))
     assert ok.text.startswith(" Paris")
 
@@ -176,18 +175,28 @@ def test_an_sae_that_does_not_fit_refuses_to_load(tmp_path: Path, default_model_
 
 
 def test_plain_vllm_with_additional_config(config, default_model_dir, monkeypatch) -> None:
-    """vLLM users need no wrapper: the SAEs can come from vLLM's own additional_config."""
+    """vLLM users need no wrapper: the SAEs can come from vLLM's own additional_config, and specs
+    are admitted in the user's own (trusted) process with ``protocol.admit`` (README). A spec in
+    extra_args that was not admitted is ignored."""
     import gc
 
     from vllm import LLM, SamplingParams
 
+    from sae_serve.engines.protocol import admit, ensure_secret
+
     monkeypatch.delenv("SAE_SERVE_CONFIG", raising=False)
+    ensure_secret()  # before the LLM starts its workers
     llm = LLM(model=str(default_model_dir), enforce_eager=True, dtype="float32", max_model_len=256,
               additional_config={"sae_serve": json.loads(config.model_dump_json())})
     spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
                                             "multiple_of_max": 1.0}]}}
-    params = SamplingParams(temperature=0, max_tokens=6, extra_args={"sae_serve": json.dumps(spec)})
-    [out] = llm.generate(["My favourite food is"], params, use_tqdm=False)
+    admitted = admit(RequestSpec.model_validate(spec))
+    params = SamplingParams(temperature=0, max_tokens=6, extra_args=admitted.extra_args)
+    [out] = llm.generate([admitted.prompt("My favourite food is")], params, use_tqdm=False)
     assert out.outputs[0].text.startswith(" la la la")
+    unsigned = SamplingParams(temperature=0, max_tokens=6, extra_args={"sae_serve": json.dumps(spec)})
+    plain = SamplingParams(temperature=0, max_tokens=6)
+    [ignored, want] = llm.generate(["My favourite food is"] * 2, [unsigned, plain], use_tqdm=False)
+    assert ignored.outputs[0].text == want.outputs[0].text
     del llm
     gc.collect()

@@ -1,18 +1,20 @@
-"""The V2-runner adapter (GPU-only in vLLM) on the CPU: vLLM's V2 ModelState, InputBatch and
-NewRequestData are stood in for by plain objects with the same fields (the runner itself needs a
-GPU and Triton; bench/gpu_check.py runs the real one). What runs is ours: the adapter, the
-runtime in graph mode and the fixed-shape op."""
+"""The V2-runner adapter (GPU-only in vLLM) on the CPU, with vLLM's real InputBatch (its
+``make_dummy`` too) and NewRequestData. vLLM's ModelState is stood in for by a recorder (it needs the
+model, and the runner itself needs a GPU and Triton; bench/gpu_check.py runs the real one). What
+runs is ours: the adapter, the runtime in graph mode and the fixed-shape op."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
-from sae_serve.engines.vllm_plugin import REQUEST_KEY, SPEC_KEY, SteeringRuntime
+from sae_serve.engines.protocol import SPEC_KEY, admit
+from sae_serve.engines.vllm_runtime import SteeringRuntime
 from sae_serve.engines.vllm_v2 import SteeringModelState
+from sae_serve.steering.spec import RequestSpec
 from sae_serve.sae.registry import registry_of
 from sae_serve.steering.fixed import Capacity, FixedTables
 from sae_serve.steering.hook import apply_plan_split_
@@ -39,10 +41,20 @@ class InnerState:
         return {"positions": "vllm's"}
 
 
-def _new(req_id: str, spec: dict | None, prompt: int) -> SimpleNamespace:
-    extra = {SPEC_KEY: json.dumps(spec), REQUEST_KEY: f"key-{req_id}"} if spec else None
-    return SimpleNamespace(req_id=req_id, sampling_params=SimpleNamespace(extra_args=extra),
-                           prompt_token_ids=list(range(prompt)))
+SECRET = b"test-deployment-secret"
+
+
+def _new(req_id: str, spec: dict | None, prompt: int, extra: dict | None = None, embeds: bool = False):
+    """vLLM's NewRequestData for a request the service admitted (or a plain one)."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import NewRequestData
+
+    if spec:
+        extra = admit(RequestSpec.model_validate(spec), secret=SECRET, key=f"key-{req_id}").extra_args
+    return NewRequestData(req_id=req_id, prompt_token_ids=None if embeds else list(range(prompt)), mm_features=[],
+                          sampling_params=SamplingParams(extra_args=extra), pooling_params=None, block_ids=([],),
+                          num_computed_tokens=0, lora_request=None,
+                          prompt_embeds=torch.zeros(prompt, D_IN) if embeds else None)
 
 
 def _batch(req_ids: list[str], qsl: list[int], computed: list[int]) -> SimpleNamespace:
@@ -52,7 +64,7 @@ def _batch(req_ids: list[str], qsl: list[int], computed: list[int]) -> SimpleNam
 
 def _runtime() -> tuple[SteeringRuntime, object]:
     registry = registry_of({"s": make_sae("jumprelu", D_IN, 64, seed=4)})
-    runtime = SteeringRuntime(registry, graph_mode=True)
+    runtime = SteeringRuntime(registry, SECRET, graph_mode=True)
     runtime.tables = {"s": FixedTables(registry.saes["s"].sae, Capacity(tokens=16, slots=4, requests=4))}
     return runtime, registry
 
@@ -84,8 +96,8 @@ def test_prepare_inputs_plans_the_step_and_the_graph_op_steers_only_its_rows() -
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got[4:], hidden[4:])
     out = runtime.pop_readouts(["key-a"])["key-a"]
-    assert out["error"] is None and out["features"]["s"]["positions"] == [0, 1, 2, 3]
-    assert out["features"]["s"]["indices"][0] == [3, 7]
+    assert out.error is None and out.features["s"].positions == [0, 1, 2, 3]
+    assert out.features["s"].indices[0] == [3, 7]
 
 
 def test_a_decode_step_after_prefill_maps_positions_and_removal_forgets() -> None:
@@ -96,7 +108,7 @@ def test_a_decode_step_after_prefill_maps_positions_and_removal_forgets() -> Non
     runtime.apply(registry.saes["s"], torch.zeros(4, D_IN), torch.ones(4, D_IN))
     state.prepare_inputs(_batch(["a"], [0, 1], [4]), None)  # one generated token at position 4
     runtime.apply(registry.saes["s"], torch.zeros(1, D_IN), torch.ones(1, D_IN))
-    positions = runtime.pop_readouts(["key-a"])["key-a"]["features"]["s"]["positions"]
+    positions = runtime.pop_readouts(["key-a"])["key-a"].features["s"].positions
     assert positions == [0, 1, 2, 3, 4]
     state.remove_request("a")
     state.prepare_inputs(_batch([], [0], []), None)
@@ -108,5 +120,59 @@ def test_what_graphs_cannot_run_is_reported_not_silently_dropped() -> None:
     state = SteeringModelState(InnerState(), runtime)
     state.add_request(0, _new("a", {"return_features": {"sae": "s", "top_k": 3}}, prompt=2))
     state.prepare_inputs(_batch(["a"], [0, 2], [0]), None)
-    error = runtime.pop_readouts(["key-a"])["key-a"]["error"]
+    error = runtime.pop_readouts(["key-a"])["key-a"].error
     assert "CUDA graphs cannot run" in error and "top-k" in error
+    assert runtime.metrics.rejected_specs.labels("unrunnable")._value.get() >= 1
+
+
+def test_vllms_dummy_batches_pass_through_idle_before_and_between_real_requests() -> None:
+    """vLLM's V2 runner calls prepare_inputs for its profile, warm-up and capture batches too, with
+    request ids (``InputBatch.make_dummy``) that never went through add_request."""
+    from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
+
+    runtime, registry = _runtime()
+    state = SteeringModelState(InnerState(), runtime)
+    buffers = InputBuffers(max_num_reqs=4, max_num_tokens=16, device=torch.device("cpu"))
+    stream = torch.randn(8, D_IN), torch.randn(8, D_IN)
+    for num_reqs, num_tokens in ((4, 16), (1, 1), (2, 8)):  # profile, decode capture, mixed capture
+        state.prepare_inputs(InputBatch.make_dummy(num_reqs, num_tokens, buffers), None)
+        assert not runtime.tables["s"].filled
+        hidden = stream[0].clone()
+        runtime.apply(registry.saes["s"], hidden, stream[1])
+        assert torch.equal(hidden, stream[0])  # the dummy step is a no-op
+    state.add_request(0, _new("a", CLAMP, prompt=4))
+    state.prepare_inputs(_batch(["a"], [0, 4], [0]), None)
+    assert runtime.tables["s"].filled
+    runtime.apply(registry.saes["s"], stream[0][:4].clone(), stream[1][:4])
+    state.prepare_inputs(InputBatch.make_dummy(2, 2, buffers), None)  # a dummy between real steps
+    assert not runtime.tables["s"].filled and set(runtime.resolved) == {"a"}
+    assert runtime.pop_readouts(["key-a"])["key-a"].features["s"].positions == [0, 1, 2, 3]
+
+
+def test_prompt_embeds_requests_take_their_prompt_length_from_vllm() -> None:
+    runtime, _ = _runtime()
+    state = SteeringModelState(InnerState(), runtime)
+    state.add_request(0, _new("e", CLAMP, prompt=5, embeds=True))
+    assert state._prompt_lens["e"] == 5
+
+
+@pytest.mark.parametrize("extra", [
+    {SPEC_KEY: '{"steering": {"interventions": [{"sae": "s", "feature": 3, "mode": "clamp", "value": 500}]}}',
+     "sae_serve_key": "x"},
+    {SPEC_KEY: '{"steering": {"interventions": [{"sae": "s", "feature": 3, "mode": "clamp", "value": 500}]}}',
+     "sae_serve_key": "x", "sae_serve_sig": "0" * 64},
+    {"sae_serve_sig": "forged"},
+])
+def test_a_spec_the_service_did_not_sign_is_ignored_and_counted(extra: dict) -> None:
+    runtime, registry = _runtime()
+    state = SteeringModelState(InnerState(), runtime)
+    before = runtime.metrics.rejected_specs.labels("unauthenticated")._value.get()
+    state.add_request(0, _new("m", None, prompt=4, extra=extra))
+    state.prepare_inputs(_batch(["m"], [0, 4], [0]), None)
+    assert not runtime.tables["s"].filled  # nothing to steer
+    hidden, residual = torch.randn(4, D_IN), torch.randn(4, D_IN)
+    got = hidden.clone()
+    runtime.apply(registry.saes["s"], got, residual)
+    assert torch.equal(got, hidden)
+    assert runtime.metrics.rejected_specs.labels("unauthenticated")._value.get() == before + 1
+    assert len(runtime.readouts) == 0  # nothing kept for it

@@ -93,19 +93,50 @@ def test_policy_in_the_config_file(tmp_path, config_for) -> None:
         load_config(path)
 
 
-def test_the_fixed_op_capacity_is_refused_naming_the_field(tmp_path) -> None:
-    from sae_serve.config import OpConfig, load_config
-    from sae_serve.errors import SaeFormatError, SpecError
+def _service(tmp_path, capabilities, **config) -> SteeringService:
+    from sae_serve.engines.protocol import WorkerCapabilities
 
     save_sae(make_sae("relu", 16, 64), tmp_path / "s")
-    service = SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),),
-                                             op=OpConfig(fixed_shapes=True, slots=2)))
+    return SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),), **config),
+                           capabilities=WorkerCapabilities(*capabilities))
+
+
+def test_what_cuda_graphs_cannot_run_is_refused_naming_the_field(tmp_path) -> None:
+    from sae_serve.config import load_config
+    from sae_serve.errors import SaeFormatError, SpecError
+
+    service = _service(tmp_path, (True, 2, 1024))  # graph mode, 2 slots
     two = {"steering": {"interventions": [{"sae": "l1", "feature": f, "mode": "add", "value": 1.0} for f in (1, 2)]}}
     assert service.prepare(RequestSpec.model_validate(two)) is not None
     three = {**two, "return_features": {"sae": "l1", "features": [3]}}  # edits and reads share the slots
     with pytest.raises(SpecError) as info:
         service.prepare(RequestSpec.model_validate(three))
     assert info.value.field == "steering.interventions" and "capacity of 2" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 2}}))
+    assert info.value.field == "return_features.top_k" and "CUDA graphs" in str(info.value)
+    assert service.metrics.refused.labels("capacity")._value.get() >= 2
+    eager = _service(tmp_path, (False, 2, 1024))  # without graphs the segment path runs the rest
+    assert eager.prepare(RequestSpec.model_validate(three)) is not None
     (tmp_path / "bad.json").write_text('{"op": {"fixed_shapes": true, "slots": 0}}')
     with pytest.raises(SaeFormatError, match="field op.slots"):
         load_config(tmp_path / "bad.json")
+
+
+def test_readouts_are_bounded_up_front_and_one_per_request(tmp_path) -> None:
+    from sae_serve.config import LimitsConfig
+    from sae_serve.errors import SpecError
+
+    service = _service(tmp_path, (False, 16, 1000), limits=LimitsConfig(max_readout_values=8000))
+    assert service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 8}}))
+    with pytest.raises(SpecError) as info:  # 9 per token x 1000 tokens > 8000
+        service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 9}}))
+    assert info.value.field == "return_features.top_k" and "limit of 8000" in str(info.value)
+    with pytest.raises(SpecError) as info:
+        service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "features": list(range(9))}}))
+    assert info.value.field == "return_features.features"
+    with pytest.raises(SpecError) as info:  # n choices would share one readout
+        service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 2}}), choices=2)
+    assert info.value.field == "n"
+    steer = {"steering": {"interventions": [{"sae": "l1", "feature": 1, "mode": "add", "value": 1.0}]}}
+    assert service.prepare(RequestSpec.model_validate(steer), choices=3) is not None  # each choice is steered

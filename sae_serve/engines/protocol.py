@@ -1,0 +1,183 @@
+"""What crosses the boundary between the API process and vLLM's workers, one typed record each.
+
+Trust: clients are untrusted, and vLLM copies a client's ``vllm_xargs`` into ``extra_args`` on
+every route that has the field (completions, chat, responses, messages, and whatever comes
+next). So a worker acts only on a spec the service *admitted*: its ``extra_args`` carry an HMAC
+of (key, spec) under the deployment's secret (SAE_SERVE_SECRET, shared with every worker through
+the environment). Anything else under a ``sae_serve`` key is ignored by the workers and counted.
+That check in the worker is the one choke point, whatever route a request came by.
+
+The cache salt of a steered request is a keyed hash of (the client's own cache_salt, the spec):
+prompts steered alike share KV blocks, nothing else does, no client can compute another's salt,
+and a client's cache_salt keeps separating tenants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sae_serve import envs
+from sae_serve.errors import SaeServeError
+from sae_serve.steering.spec import RequestSpec
+
+PREFIX = "sae_serve"
+"""Every extra_args key of ours starts with this; workers check all of them."""
+SPEC_KEY = "sae_serve"
+"""extra_args field holding the admitted spec (JSON)."""
+REQUEST_KEY = "sae_serve_key"
+"""extra_args field holding the request's key, under which its readout is kept."""
+SIGNATURE_KEY = "sae_serve_sig"
+"""extra_args field holding HMAC-SHA256(secret, key NUL spec)."""
+POP_READOUTS = "sae_serve_pop_readouts"
+"""Worker method: ``collective_rpc(POP_READOUTS, args=(keys,))`` -> {key: WorkerReply wire}."""
+CAPABILITIES = "sae_serve_capabilities"
+"""Worker method: ``collective_rpc(CAPABILITIES)`` -> WorkerCapabilities wire (None: no SAEs)."""
+
+
+class UnauthenticatedSpec(SaeServeError):
+    """extra_args name sae_serve fields that the service did not sign."""
+
+
+def deployment_secret() -> bytes | None:
+    secret = envs.deployment_secret()
+    return secret.encode() if secret else None
+
+
+def ensure_secret() -> bytes:
+    """The deployment secret, made (and exported to the environment, which vLLM's workers inherit)
+    when none is set: for a server or an offline engine started by this process."""
+    secret = deployment_secret()
+    if secret is None:
+        os.environ[envs.SECRET_VAR] = token = secrets.token_hex(32)
+        secret = token.encode()
+    return secret
+
+
+def _sign(secret: bytes, key: str, spec_json: str) -> str:
+    return hmac.new(secret, f"{key}\0{spec_json}".encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """An admitted request, as it rides into vLLM (built alike offline and by the servers)."""
+
+    key: str
+    spec_json: str
+    signature: str
+    cache_salt: str | None
+
+    @property
+    def extra_args(self) -> dict[str, str]:
+        """Flat ``SamplingParams.extra_args`` (a client's vllm_xargs can never override them)."""
+        return {SPEC_KEY: self.spec_json, REQUEST_KEY: self.key, SIGNATURE_KEY: self.signature}
+
+    def prompt(self, text: str) -> dict[str, str]:
+        """The prompt as vLLM takes it, with the request's cache salt."""
+        return {"prompt": text} if self.cache_salt is None else {"prompt": text, "cache_salt": self.cache_salt}
+
+
+def cache_salt(secret: bytes, spec: RequestSpec, spec_json: str, client_salt: str | None) -> str | None:
+    """The client's salt for plain requests; unique when the request reads (its prompt must be
+    computed to be read); else keyed by the secret, the client's salt and the spec."""
+    if spec.return_features is not None:
+        return uuid.uuid4().hex
+    if spec.steering and (spec.steering.interventions or spec.steering.vectors):
+        message = f"cache_salt\0{client_salt or ''}\0{spec_json}".encode()
+        return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+    return client_salt
+
+
+def admit(spec: RequestSpec, client_salt: str | None = None, secret: bytes | None = None,
+          key: str | None = None) -> EngineRequest:
+    """Sign ``spec`` (already checked by the caller: the service, or a trusted offline user).
+    ``key`` names its readout (default: a fresh random one); ``secret``: default, the deployment's."""
+    secret = secret or deployment_secret()
+    if secret is None:
+        raise SaeServeError(f"{envs.SECRET_VAR} is not set: nothing can admit steering (sae-serve serve "
+                            "and SteeredLLM set one; the Helm chart takes it from a Secret)")
+    key, spec_json = key or uuid.uuid4().hex, spec.model_dump_json(exclude_none=True)
+    salt = cache_salt(secret, spec, spec_json, client_salt)
+    return EngineRequest(key, spec_json, _sign(secret, key, spec_json), salt)
+
+
+def admitted_spec(extra_args: dict[str, Any] | None, secret: bytes | None) -> tuple[str, str] | None:
+    """(key, spec JSON) of an admitted request; None for a plain one. Raises UnauthenticatedSpec
+    when extra_args carry any sae_serve field without a valid signature."""
+    ours = {k: v for k, v in (extra_args or {}).items() if isinstance(k, str) and k.startswith(PREFIX)}
+    if not ours:
+        return None
+    key, spec_json, signature = ours.get(REQUEST_KEY), ours.get(SPEC_KEY), ours.get(SIGNATURE_KEY)
+    if secret is None or not all(isinstance(v, str) for v in (key, spec_json, signature)) or set(ours) != {
+            REQUEST_KEY, SPEC_KEY, SIGNATURE_KEY}:
+        raise UnauthenticatedSpec(f"extra_args {sorted(ours)} were not signed by this deployment's service")
+    if not hmac.compare_digest(_sign(secret, key, spec_json), signature):
+        raise UnauthenticatedSpec("extra_args carry a sae_serve spec whose signature does not match")
+    return key, spec_json
+
+
+@dataclass(frozen=True)
+class Readout:
+    """One request's activations of one SAE, as plain lists (they cross process boundaries)."""
+
+    positions: list[int]
+    indices: list[list[int]]
+    values: list[list[float]]
+
+
+@dataclass(frozen=True)
+class WorkerReply:
+    """What a worker holds for one request: its readouts by SAE, or the error that stopped it."""
+
+    error: str | None = None
+    features: dict[str, Readout] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> WorkerReply:
+        return cls(wire.get("error"), {sae: Readout(**r) for sae, r in (wire.get("features") or {}).items()})
+
+    def merge(self, other: WorkerReply) -> WorkerReply:
+        """Replies of several workers (ranks) for one request: the first error, the readouts
+        of whichever rank held them (only one does: the SAE's)."""
+        return WorkerReply(self.error or other.error, {**self.features, **other.features})
+
+
+def merge_replies(per_worker: list[dict[str, Any]], keys: list[str]) -> dict[str, WorkerReply]:
+    """``POP_READOUTS`` answers of every worker, merged per key."""
+    out = {key: WorkerReply() for key in keys}
+    for worker in per_worker:
+        for key, wire in (worker or {}).items():
+            if key in out:
+                out[key] = out[key].merge(WorkerReply.from_wire(wire))
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerCapabilities:
+    """What the workers can run, learned by the API process at startup (before any admission)."""
+
+    graph_mode: bool
+    """The forward replays CUDA graphs: only the fixed-shape op runs (no top-k readouts)."""
+    slots: int
+    """Features one request may edit and read on one SAE in graph mode."""
+    max_model_len: int
+    """Longest sequence: bounds a request's readout rows."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_workers(cls, answers: list[dict[str, Any] | None]) -> WorkerCapabilities | None:
+        """The strictest of every worker's answer (None when no worker has SAEs)."""
+        got = [cls(**a) for a in answers if a]
+        if not got:
+            return None
+        return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got))

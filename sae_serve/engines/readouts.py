@@ -1,0 +1,91 @@
+"""Readouts a worker holds until the API process fetches them, within bounded memory.
+
+Each admitted request that reads gets an entry under its key. An entry holds at most
+``max_values`` activations (the limit the service already checks up front: past it the request
+gets an error, never a silently short readout). When the request leaves the runner (finished or
+aborted) its entry waits ``ttl_s`` seconds to be fetched and is then dropped, so readouts that
+nobody fetches (a client that hung up) never pile up. Errors (a spec a worker could not run)
+live in the same entries, under the same rules.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sae_serve.config import LimitsConfig
+from sae_serve.engines.protocol import Readout, WorkerReply
+from sae_serve.steering.hook import FeatureActivations
+
+
+@dataclass
+class _Entry:
+    chunks: dict[str, list[FeatureActivations]] = field(default_factory=dict)
+    values: int = 0
+    nbytes: int = 0
+    error: str | None = None
+    finished_at: float | None = None
+
+
+class ReadoutStore:
+    def __init__(self, max_values: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_values = max_values
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._entries: dict[str, _Entry] = {}
+
+    @classmethod
+    def of(cls, limits: LimitsConfig) -> ReadoutStore:
+        return cls(limits.max_readout_values, limits.readout_ttl_s)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of activations held, all requests together."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def add(self, key: str, sae: str, acts: FeatureActivations) -> None:
+        entry = self._entries.setdefault(key, _Entry())
+        if entry.error is not None:
+            return
+        values = acts.indices.numel()
+        if entry.values + values > self.max_values:
+            self.fail(key, f"the readout exceeds this server's limit of {self.max_values} values per request "
+                           "(config limits.max_readout_values)")
+            return
+        entry.chunks.setdefault(sae, []).append(acts)
+        entry.values += values
+        entry.nbytes += sum(t.numel() * t.element_size() for t in acts)
+
+    def fail(self, key: str, error: str) -> None:
+        """The request cannot be served as admitted: its readouts go, the error stays to be fetched."""
+        entry = self._entries.setdefault(key, _Entry())
+        entry.chunks, entry.values, entry.nbytes = {}, 0, 0
+        entry.error = entry.error or error
+
+    def finish(self, key: str) -> None:
+        """The request left the runner: its entry now waits ``ttl_s`` to be fetched."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.finished_at is None:
+            entry.finished_at = self.clock()
+
+    def expire(self) -> None:
+        cutoff = self.clock() - self.ttl_s
+        for key in [k for k, e in self._entries.items() if e.finished_at is not None and e.finished_at < cutoff]:
+            del self._entries[key]
+
+    def pop(self, key: str) -> WorkerReply:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return WorkerReply()
+        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()})
+
+
+def _readout(chunks: list[FeatureActivations]) -> Readout:
+    return Readout(torch.cat([c.positions for c in chunks]).tolist(), torch.cat([c.indices for c in chunks]).tolist(),
+                   torch.cat([c.values for c in chunks]).tolist())

@@ -1,0 +1,217 @@
+"""Per-worker steering state: the loaded SAEs, each live request's plans, readouts, watches.
+
+Either model runner hands the runtime its batch before each forward (``plan_step``); the op
+(``vllm_site.py``) then calls ``apply`` at each SAE's layer. A request's spec is read once, from
+its ``extra_args``, and acted on only when the service signed it (``protocol.admitted_spec``):
+anything else under a sae_serve key is ignored and counted. When no request in the step steers or
+reads, and nothing is watched, the op returns at once and touches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from sae_serve.config import LimitsConfig, OpConfig
+from sae_serve.engines.protocol import UnauthenticatedSpec, WorkerCapabilities, WorkerReply, admitted_spec
+from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.errors import SpecError
+from sae_serve.metrics import WorkerMetrics, worker_metrics
+from sae_serve.sae.registry import LoadedSae, SaeRegistry
+from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
+from sae_serve.steering.hook import apply_plan_split_
+from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, prepare_all
+from sae_serve.steering.spec import RequestSpec, resolve
+from sae_serve.steering.watch import Watch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """A forward step's requests as either model runner describes them."""
+
+    req_ids: list[str]
+    query_start_loc: list[int]  # (n + 1,) row boundaries of each request's tokens
+    computed: list[int]  # tokens of each request already in the KV cache
+    prompt_lens: list[int]
+
+    def layout(self) -> list[RequestRows]:
+        qsl = self.query_start_loc
+        return [RequestRows(qsl[i], qsl[i + 1], self.computed[i], self.prompt_lens[i])
+                for i in range(len(self.req_ids))]
+
+
+@dataclass
+class _Step:
+    plans: list[dict[str, RequestPlan]]  # per request: its prepared work by SAE name
+    layout: list[RequestRows]
+    keys: list[str | None]
+    tokens: int  # real (unpadded) rows in the step
+    segments: dict[str, SaePlan]  # per SAE: the work of the segment path (the fixed op's is in its tables)
+
+
+@dataclass
+class SteeringRuntime:
+    """Per-worker state. ``secret``: the deployment's signing key (None: no request is admitted)."""
+
+    registry: SaeRegistry
+    secret: bytes | None = None
+    graph_mode: bool = False  # CUDA graphs: the op runs the fixed tables only, every step
+    max_model_len: int = 0
+    slots: int = OpConfig().slots
+    metrics: WorkerMetrics = field(default_factory=worker_metrics)
+    readouts: ReadoutStore = field(default_factory=lambda: ReadoutStore.of(LimitsConfig()))
+    monitoring: bool = False  # watch features and time the hook
+    resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
+    step: _Step | None = None
+    watches: dict[str, Watch] = field(default_factory=dict)
+    tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
+    pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
+
+    def __post_init__(self) -> None:
+        self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
+
+    def capabilities(self) -> WorkerCapabilities:
+        return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len)
+
+    def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
+        """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
+        self.monitoring = True
+        for name, loaded in self.registry.saes.items():
+            if not loaded.watchlist or loaded.sae.cfg.architecture == "topk":
+                continue
+            catalog = loaded.catalog
+            names = [catalog.label_of(f) or str(f) for f in loaded.watchlist]
+            self.watches[name] = Watch(
+                loaded.sae, name, list(loaded.watchlist), names,
+                [firing_fraction * (catalog.info(f).max_activation or 0.0) for f in loaded.watchlist], max_rows)
+            self.metrics.declare_watched(name, names)
+
+    def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
+        if not extra_args:  # a plain request, or one of vLLM's dummy batches: nothing to keep
+            return None, {}
+        if req_id not in self.resolved:
+            self.resolved[req_id] = (None, {})
+            try:
+                admitted = admitted_spec(extra_args, self.secret)
+            except UnauthenticatedSpec as exc:
+                self.metrics.rejected_specs.labels("unauthenticated").inc()
+                logger.warning("request %s: %s; served without steering", req_id, exc)
+                return self.resolved[req_id]
+            if admitted is not None:
+                key, spec_json = admitted
+                self.resolved[req_id] = (key, self._plans(key, spec_json))
+        return self.resolved[req_id]
+
+    def _plans(self, key: str, spec_json: str) -> dict[str, RequestPlan]:
+        try:
+            request = resolve(RequestSpec.model_validate_json(spec_json), self.registry)
+        except (ValidationError, SpecError) as exc:  # the service checked it: a deployment out of step
+            self.metrics.rejected_specs.labels("invalid").inc()
+            logger.error("admitted spec %s is invalid on this worker: %s", key, exc)
+            self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
+            return {}
+        return prepare_all(request, self.saes, slices=not self.graph_mode)
+
+    def begin_step(self, runner: Any) -> None:
+        """The V1 runner's batch, before its forward."""
+        batch = runner.input_batch
+        n = batch.num_reqs
+        req_ids = list(batch.req_ids[:n])
+        step = StepBatch(req_ids, runner.query_start_loc.cpu[: n + 1].tolist(),
+                         [int(c) for c in batch.num_computed_tokens_cpu[:n]],
+                         [runner.requests[rid].num_prompt_tokens for rid in req_ids])
+        params = {rid: runner.requests[rid].sampling_params for rid in req_ids}
+        self.plan_step(step, {rid: p.extra_args if p else None for rid, p in params.items()}, runner.requests)
+
+    def plan_step(self, batch: StepBatch, extra_args: dict[str, dict[str, Any] | None], live: Any) -> None:
+        """Map a step's requests to rows and fill the fixed op's tables; ``step`` stays None when
+        nobody steers, reads or is watched. ``live``: the ids of the runner's current requests."""
+        self.collect_fixed_readouts()
+        if self.graph_mode:  # inside graphs the op adds to the totals; publish what has landed
+            for watch in self.watches.values():
+                watch.publish(self.metrics)
+                watch.set_live(batch.query_start_loc[-1])
+        self._forget(set(self.resolved) - set(live))
+        resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
+        plans, keys = [p for _, p in resolved], [k for k, _ in resolved]
+        self.step = None
+        if batch.req_ids and (self.monitoring or any(plans)):
+            layout = batch.layout()
+            self.step = _Step(plans, layout, keys, batch.query_start_loc[-1], {})
+            for name in self.saes:
+                self.step.segments[name] = self._split(name, build_plan([p.get(name) for p in plans], layout), keys)
+        elif self.graph_mode:
+            for tables in self.tables.values():
+                tables.fill(())
+
+    def _forget(self, gone: set[str]) -> None:
+        """Requests that left the runner (finished or aborted): their readouts start to expire."""
+        for req_id in gone:
+            key, _ = self.resolved.pop(req_id)
+            if key is not None:
+                self.readouts.finish(key)
+        self.readouts.expire()
+        self.metrics.readout_bytes.set(self.readouts.nbytes)
+
+    def _split(self, name: str, plan: SaePlan, keys: list[str | None]) -> SaePlan:
+        """Put what fits into the fixed op's tables; return the rest, for the segment path."""
+        tables = self.tables.get(name)
+        if tables is None:
+            return plan
+        fixed: list[Segment] = []
+        rest: list[Segment] = []
+        for seg in plan:
+            (fixed if fits(seg.plan, tables.capacity) else rest).append(seg)
+        if self.graph_mode and rest:  # a captured graph cannot run the segment path
+            for seg in rest:  # (the service refuses these up front: reaching here is a deployment out of step)
+                self.metrics.rejected_specs.labels("unrunnable").inc()
+                self.readouts.fail(str(keys[seg.request]), f"SAE {name!r}: this request needs a top-k readout "
+                                   "or more features than op.slots, which CUDA graphs cannot run")
+            rest = []
+        tables.fill(fixed)
+        self.pending += [(key, name, seg) for seg in fixed if seg.plan.reads and (key := keys[seg.request])]
+        return tuple(rest)
+
+    def collect_fixed_readouts(self) -> None:
+        """Readouts the fixed op wrote during the last forward."""
+        for key, name, seg in self.pending:
+            self.readouts.add(key, name, fixed_readout(self.tables[name], seg))
+        self.pending.clear()
+
+    def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        watch = self.watches.get(loaded.name)
+        if self.graph_mode:  # the same kernels every step, on whatever the tables hold
+            if watch is not None:  # before any edit: what the model computed
+                watch.accumulate(hidden + residual, watch.live)
+            steer_fixed_(hidden, residual, loaded.sae, self.tables[loaded.name])
+            return
+        step = self.step
+        if step is None:
+            return
+        start = time.perf_counter()
+        if watch is not None:
+            watch.accumulate(hidden[: step.tokens] + residual[: step.tokens], step.tokens)
+            watch.publish(self.metrics)
+        tables = self.tables.get(loaded.name)
+        if tables is not None and tables.filled:
+            steer_fixed_(hidden, residual, loaded.sae, tables)
+        for index, acts in apply_plan_split_(hidden, residual, loaded.sae, step.segments[loaded.name]).items():
+            if step.keys[index] is not None:
+                self.readouts.add(step.keys[index], loaded.name, acts)
+        if self.monitoring:
+            self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
+
+    def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
+        """Each key's readouts and error, removed from the worker."""
+        self.collect_fixed_readouts()
+        out = {key: self.readouts.pop(key) for key in keys}
+        self.readouts.expire()
+        self.metrics.readout_bytes.set(self.readouts.nbytes)
+        return out

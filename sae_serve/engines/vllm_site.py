@@ -1,0 +1,155 @@
+"""Where the plugin meets vLLM's model: the custom op, the layer wrapper that calls it, ``attach``
+(load the SAEs beside a runner's model), and the worker methods the API process calls.
+
+The op ``sae_serve::steer_`` is opaque to torch.compile, so a compiled model runs it every step
+(a Python hook would be traced once and silently lost). Whenever the forward is replayed from
+CUDA graphs, only the fixed-shape op runs (``graph_mode``): the V2 model runner that GPUs default
+to, and the V1 runner on a GPU unless ``enforce_eager``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from sae_serve.config import SaeServeConfig, config_from_env
+from sae_serve.engines.protocol import deployment_secret
+from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.engines.vllm_runtime import SteeringRuntime
+from sae_serve.errors import SaeServeError, first_field_error
+from sae_serve.metrics import worker_metrics
+from sae_serve.sae.registry import LoadedSae, build_registry
+from sae_serve.steering.fixed import Capacity, FixedTables
+
+logger = logging.getLogger(__name__)
+
+# The compiled graph can carry only tensors and ints to the op, so the op finds its runtime
+# through this process-local table, filled when a model is loaded.
+_SITES: dict[int, tuple[SteeringRuntime, LoadedSae]] = {}
+
+
+@torch.library.custom_op("sae_serve::steer_", mutates_args=("hidden",))
+def steer_(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
+    """Edit ``hidden`` in place for the current step (the stream is hidden + residual)."""
+    runtime, loaded = _SITES[site]
+    runtime.apply(loaded, hidden, residual)
+
+
+@steer_.register_fake
+def _(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
+    return None
+
+
+class SteeredDecoderLayer(nn.Module):
+    """A vLLM decoder layer followed by the steering op on its output (resid_post)."""
+
+    def __init__(self, layer: nn.Module, site: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.site = site
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, residual = self.layer(positions, hidden_states, residual, **kwargs)
+        torch.ops.sae_serve.steer_(hidden_states, residual, self.site)
+        return hidden_states, residual
+
+
+def bind_site(runtime: SteeringRuntime, loaded: LoadedSae) -> int:
+    """The id the op is called with to steer ``loaded`` through ``runtime``."""
+    site = id(loaded)
+    _SITES[site] = (runtime, loaded)
+    return site
+
+
+def _site_layer(loaded: LoadedSae) -> int:
+    """The decoder layer whose output is the SAE's site (resid_pre of L is resid_post of L-1)."""
+    sae = loaded.sae
+    if sae.hook_point == "resid_post":
+        return sae.hook_layer
+    if sae.hook_layer == 0:
+        raise SaeServeError(f"SAE {loaded.name!r}: resid_pre of layer 0 (the embeddings) is not supported")
+    return sae.hook_layer - 1
+
+
+def runner_config(runner: Any) -> SaeServeConfig | None:
+    """vLLM's ``additional_config["sae_serve"]`` if given, else the file in SAE_SERVE_CONFIG."""
+    extra = getattr(runner.vllm_config, "additional_config", None) or {}
+    if "sae_serve" not in extra:
+        return config_from_env()
+    try:
+        return SaeServeConfig.model_validate(extra["sae_serve"])
+    except ValidationError as exc:
+        raise SaeServeError(f"additional_config.sae_serve: {first_field_error(exc)}") from None
+
+
+def replays_cuda_graphs(runner: Any) -> bool:
+    """Whether the runner captures the forward in CUDA graphs (vLLM's default on GPUs unless
+    enforce_eager). Piecewise graphs capture the op too (it is not one of vLLM's splitting ops),
+    so the op's Python runs at capture only and the segment path would be silently skipped."""
+    mode = getattr(runner.vllm_config.compilation_config, "cudagraph_mode", None)
+    return torch.device(runner.device).type == "cuda" and mode is not None and mode.name != "NONE"
+
+
+def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
+    """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
+    V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
+    every step."""
+    config = runner_config(runner)
+    if config is None or not config.saes:
+        return None
+    graph_mode = graph_mode or replays_cuda_graphs(runner)
+    hf = runner.model_config.hf_config
+    registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
+    registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
+    if deployment_secret() is None:
+        logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
+    sched = runner.vllm_config.scheduler_config
+    runtime = SteeringRuntime(registry, deployment_secret(), graph_mode, runner.model_config.max_model_len,
+                              config.op.slots, worker_metrics(), ReadoutStore.of(config.limits))
+    if config.metrics.enabled:
+        runtime.enable_monitoring(config.metrics.firing_fraction_of_max, sched.max_num_batched_tokens)
+    if config.op.fixed_shapes or graph_mode:
+        capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
+        topk = [name for name, loaded in registry.saes.items() if loaded.sae.cfg.architecture == "topk"]
+        if graph_mode and topk:
+            raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: CUDA graphs cannot run "
+                                "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
+        runtime.tables = {name: FixedTables(loaded.sae, capacity) for name, loaded in registry.saes.items()
+                          if name not in topk}
+    layers = runner.model.model.layers
+    for loaded in registry.saes.values():
+        index = _site_layer(loaded)
+        layers[index] = SteeredDecoderLayer(layers[index], bind_site(runtime, loaded))
+        logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
+    return runtime
+
+
+# --- worker methods, called by name through vLLM's collective_rpc (they work across processes) ---
+def _runtime(worker: Any) -> SteeringRuntime | None:
+    return getattr(worker.model_runner, "_sae_serve", None)
+
+
+def pop_readouts(worker: Any, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """``protocol.POP_READOUTS``: each key's WorkerReply (wire form), removed from the worker."""
+    runtime = _runtime(worker)
+    return {key: reply.to_wire() for key, reply in runtime.pop_readouts(keys).items()} if runtime else {}
+
+
+def capabilities(worker: Any) -> dict[str, Any] | None:
+    """``protocol.CAPABILITIES``: what this worker can run (None: it has no SAEs)."""
+    runtime = _runtime(worker)
+    return runtime.capabilities().to_wire() if runtime else None
+
+
+def install_worker_methods() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from sae_serve.engines.protocol import CAPABILITIES, POP_READOUTS
+
+    setattr(WorkerBase, POP_READOUTS, pop_readouts)
+    setattr(WorkerBase, CAPABILITIES, capabilities)
