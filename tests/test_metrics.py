@@ -61,3 +61,16 @@ def test_api_metrics_through_the_service(tmp_path) -> None:
     assert info.value.field == "steering.interventions[0].value"
     assert value(registry, "sae_serve_refused_requests_total", reason="invalid") == 2
     assert value(registry, "sae_serve_refused_requests_total", reason="policy_limit") == 1
+
+
+def test_watched_features_and_reasons_are_exported_at_zero_from_the_start() -> None:
+    """So that rate() and alerts work before a watched feature first fires."""
+    registry = CollectorRegistry()
+    WorkerMetrics(registry).declare_watched("l15", ["wrongdoing"])
+    ApiMetrics(registry)
+    labels = {"sae": "l15", "feature": "wrongdoing"}
+    for name in ("sae_serve_feature_tokens_total", "sae_serve_feature_fired_tokens_total",
+                 "sae_serve_feature_activation_count"):
+        assert registry.get_sample_value(name, labels) == 0, name
+    assert registry.get_sample_value("sae_serve_rejected_specs_total", {"reason": "unauthenticated"}) == 0
+    assert registry.get_sample_value("sae_serve_refused_requests_total", {"reason": "worker_error"}) == 0

@@ -59,6 +59,11 @@ def ensure_secret() -> bytes:
     return secret
 
 
+def secret_id(secret: bytes | None) -> str | None:
+    """Names the secret without revealing it, so processes can check they share one."""
+    return None if secret is None else hmac.new(secret, b"sae_serve secret id", hashlib.sha256).hexdigest()[:16]
+
+
 def _sign(secret: bytes, key: str, spec_json: str) -> str:
     return hmac.new(secret, f"{key}\0{spec_json}".encode(), hashlib.sha256).hexdigest()
 
@@ -170,14 +175,22 @@ class WorkerCapabilities:
     """Features one request may edit and read on one SAE in graph mode."""
     max_model_len: int
     """Longest sequence: bounds a request's readout rows."""
+    secret_id: str | None = None
+    """``secret_id`` of the worker's secret: every process of a deployment must share one."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_workers(cls, answers: list[dict[str, Any] | None]) -> WorkerCapabilities | None:
-        """The strictest of every worker's answer (None when no worker has SAEs)."""
+        """The strictest of every worker's answer (None when no worker has SAEs). Raises when the
+        workers disagree on the secret (a worker without it would silently steer nothing)."""
         got = [cls(**a) for a in answers if a]
         if not got:
             return None
-        return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got))
+        ids = {c.secret_id for c in got}
+        if len(ids) != 1 or None in ids:
+            raise SaeServeError(f"vLLM's workers do not share one {envs.SECRET_VAR} (set it in every process, "
+                                "e.g. Ray workers' runtime_env); they would ignore every admitted spec")
+        return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
+                   ids.pop())

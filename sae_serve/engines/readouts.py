@@ -68,6 +68,12 @@ class ReadoutStore:
         entry.chunks, entry.values, entry.nbytes = {}, 0, 0
         entry.error = entry.error or error
 
+    def resume(self, key: str) -> None:
+        """The request is (again) in the runner: its entry does not expire."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.finished_at = None
+
     def finish(self, key: str) -> None:
         """The request left the runner: its entry now waits ``ttl_s`` to be fetched."""
         entry = self._entries.get(key)

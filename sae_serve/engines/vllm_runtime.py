@@ -18,7 +18,13 @@ import torch
 from pydantic import ValidationError
 
 from sae_serve.config import LimitsConfig, OpConfig
-from sae_serve.engines.protocol import UnauthenticatedSpec, WorkerCapabilities, WorkerReply, admitted_spec
+from sae_serve.engines.protocol import (
+    UnauthenticatedSpec,
+    WorkerCapabilities,
+    WorkerReply,
+    admitted_spec,
+    secret_id,
+)
 from sae_serve.engines.readouts import ReadoutStore
 from sae_serve.errors import SpecError
 from sae_serve.metrics import WorkerMetrics, worker_metrics
@@ -78,7 +84,7 @@ class SteeringRuntime:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
 
     def capabilities(self) -> WorkerCapabilities:
-        return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len)
+        return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret))
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
@@ -106,6 +112,7 @@ class SteeringRuntime:
                 return self.resolved[req_id]
             if admitted is not None:
                 key, spec_json = admitted
+                self.readouts.resume(key)  # (again, after a preemption: it is live)
                 self.resolved[req_id] = (key, self._plans(key, spec_json))
         return self.resolved[req_id]
 

@@ -95,6 +95,17 @@ def replays_cuda_graphs(runner: Any) -> bool:
     return torch.device(runner.device).type == "cuda" and mode is not None and mode.name != "NONE"
 
 
+def check_layout(parallel: Any) -> None:
+    """Refuse what would steer the wrong rows or lose readouts: micro-batching (the op would see a
+    slice of the rows it planned) and data parallelism (the API reaches one engine's workers)."""
+    if getattr(parallel, "use_ubatching", False):
+        raise SaeServeError("sae_serve does not support vLLM's micro-batching (--enable-dbo / ubatch_size > 1): "
+                            "each micro-batch would see rows planned for the whole step")
+    if getattr(parallel, "data_parallel_size", 1) > 1:
+        raise SaeServeError("sae_serve does not support data parallelism yet (--data-parallel-size > 1): run one "
+                            "server per replica")
+
+
 def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
     V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
@@ -102,6 +113,7 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     config = runner_config(runner)
     if config is None or not config.saes:
         return None
+    check_layout(runner.vllm_config.parallel_config)
     graph_mode = graph_mode or replays_cuda_graphs(runner)
     hf = runner.model_config.hf_config
     registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)

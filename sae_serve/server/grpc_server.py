@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -59,6 +60,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
     def __init__(self, service: SteeringService, engine_client: Any) -> None:
         self.service = service
         self.engine = engine_client
+        self.draining = False  # the server is shutting down: no new generations
 
     async def _prepare(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -70,6 +72,8 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if not request.prompt:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty")
         max_tokens = request.max_tokens or 16
@@ -215,25 +219,31 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return self.deny
 
 
-def _drain_on_shutdown(engine_client: Any, server: grpc.aio.Server, health_servicer: Any,
-                       names: tuple[str, ...]) -> None:
-    """On SIGTERM vLLM's server first calls ``engine_client.shutdown`` (from a thread), which then
-    drains or aborts the engine's requests: before that, readiness turns NOT_SERVING and the
-    server takes no new calls, while the calls in flight finish as the engine lets them."""
-    loop = asyncio.get_running_loop()
+def _drain_on_shutdown(engine_client: Any, server: grpc.aio.Server, servicer: SaeServeServicer,
+                       health_servicer: Any, names: tuple[str, ...]) -> None:
+    """On SIGTERM vLLM's server calls ``engine_client.shutdown`` (from a thread), which drains or
+    aborts the engine's requests. Before that, readiness turns NOT_SERVING and new Generate calls
+    are refused (UNAVAILABLE) while the calls in flight finish as the engine lets them; probes still
+    reach the health service. Once the engine has stopped, so does the gRPC server."""
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
     original = engine_client.shutdown
-    stopping: list[asyncio.Task] = []
+    stopped: list[Any] = []
 
     async def stop_serving() -> None:
+        servicer.draining = True
         for name in names:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        grace = getattr(engine_client.vllm_config, "shutdown_timeout", 0) or None  # 0: vLLM aborts, so do we
-        stopping.append(loop.create_task(server.stop(grace=grace)))
 
     def shutdown(*args: Any, **kwargs: Any) -> Any:
-        if loop.is_running():
-            asyncio.run_coroutine_threadsafe(stop_serving(), loop).result(timeout=10)
-        return original(*args, **kwargs)
+        # The first call comes from vLLM's signal handling, in a thread; later ones (vLLM calls it
+        # again on its way out, on the loop's own thread) must not wait on the loop.
+        if stopped or not loop.is_running() or threading.get_ident() == loop_thread:
+            return original(*args, **kwargs)
+        asyncio.run_coroutine_threadsafe(stop_serving(), loop).result(timeout=10)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            stopped.append(asyncio.run_coroutine_threadsafe(server.stop(grace=5), loop))
 
     engine_client.shutdown = shutdown
 
@@ -243,7 +253,8 @@ async def start_grpc(service: SteeringService, engine_client: Any, host: str, po
     """Start the gRPC server (SaeServe, health, reflection) on ``host:port``; with ``api_keys``, SaeServe
     calls must carry one of them. It stops serving (readiness first) when vLLM shuts down."""
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else [])
-    server.add_generic_rpc_handlers((_handlers(SaeServeServicer(service, engine_client)),))
+    servicer = SaeServeServicer(service, engine_client)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["SaeServe"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -252,6 +263,6 @@ async def start_grpc(service: SteeringService, engine_client: Any, host: str, po
     await server.start()
     for name in ("", names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    _drain_on_shutdown(engine_client, server, health_servicer, ("", names[0]))
+    _drain_on_shutdown(engine_client, server, servicer, health_servicer, ("", names[0]))
     logger.info("sae_serve gRPC on %s:%d", host, port)
     return server

@@ -24,6 +24,7 @@ from pydantic import Field, SkipValidation, create_model, model_validator
 
 from sae_serve import envs
 from sae_serve.config import config_from_env
+from sae_serve.engines.protocol import PREFIX
 from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.service import SteeringService
 from sae_serve.steering.spec import FeatureReadoutSpec, SteeringSpec
@@ -69,12 +70,14 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         try:
             prepared = service.prepare(service.parse({"steering": request.steering,
                                                       "return_features": request.return_features}),
-                                       client_salt=request.cache_salt, choices=request.n or 1)
+                                       client_salt=request.cache_salt, fan_out=_fan_out(request))
         except SpecError as exc:
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
-        request.vllm_xargs = {**(request.vllm_xargs or {}), **prepared.engine.extra_args}
+        # A client's own sae_serve* keys beside ours would void the signature: theirs go.
+        xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if not k.startswith(PREFIX)}
+        request.vllm_xargs = {**xargs, **prepared.engine.extra_args}
         request.cache_salt = prepared.engine.cache_salt
         try:
             response = await vllm_handler(request, raw_request)
@@ -97,6 +100,13 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
                                                    if k.lower() not in ("content-length", "content-type")})
 
     return route
+
+
+def _fan_out(request: Any) -> dict[str, int]:
+    """The fields under which vLLM runs several sequences for one request."""
+    prompt = getattr(request, "prompt", None)
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
+    return {"n": request.n or 1, "prompt": prompts, "use_beam_search": int(bool(request.use_beam_search))}
 
 
 async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepared: Any,

@@ -18,7 +18,9 @@ from sae_serve.engines.protocol import (
     Readout,
     WorkerCapabilities,
     admit,
+    deployment_secret,
     merge_replies,
+    secret_id,
 )
 from sae_serve.errors import PolicyError, SaeServeError, SpecError, WorkerError, field_path
 from sae_serve.metrics import ApiMetrics, api_metrics
@@ -54,6 +56,8 @@ class SteeringService:
         if caps is None:
             raise SaeServeError("vLLM's workers loaded no SAEs: enable the general plugin in every process "
                                 "(VLLM_PLUGINS=sae_serve) and give them the same SAE_SERVE_CONFIG")
+        if caps.secret_id != secret_id(deployment_secret()):
+            raise SaeServeError("vLLM's workers have another SAE_SERVE_SECRET than this API process")
         self.capabilities = caps
         return caps
 
@@ -67,9 +71,12 @@ class SteeringService:
             err = exc.errors()[0]
             raise SpecError(field_path(err["loc"]), err["msg"]) from None
 
-    def prepare(self, spec: RequestSpec, client_salt: str | None = None, choices: int = 1) -> PreparedRequest | None:
+    def prepare(self, spec: RequestSpec, client_salt: str | None = None,
+                fan_out: dict[str, int] | None = None) -> PreparedRequest | None:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
-        policy refuses it) naming the field. Counts steered and refused requests."""
+        policy refuses it) naming the field. Counts steered and refused requests. ``fan_out``: the
+        request's fields that make vLLM run several sequences under it, and how many (``n``,
+        ``prompt`` lists, ``use_beam_search``)."""
         try:
             resolved = resolve(spec, self.registry)
             self.policy.check(spec, resolved, self.registry)
@@ -82,7 +89,7 @@ class SteeringService:
         if resolved.is_empty:
             return None
         try:
-            self._check_capacity(resolved, choices)
+            self._check_capacity(resolved, fan_out or {})
         except SpecError:
             self.metrics.refused.labels("capacity").inc()
             raise
@@ -91,11 +98,14 @@ class SteeringService:
         return PreparedRequest(admit(spec, client_salt), resolved.applied,
                                spec.return_features.sae if spec.return_features else None)
 
-    def _check_capacity(self, resolved: ResolvedRequest, choices: int) -> None:
+    def _check_capacity(self, resolved: ResolvedRequest, fan_out: dict[str, int]) -> None:
         """What the workers could not run whole, or could hold only past the limits."""
-        if resolved.readout is not None and choices > 1:
-            raise SpecError("n", f"return_features reads one sequence: ask for {choices} choices as separate "
-                            "requests, or drop return_features")
+        if fan_out.get("use_beam_search"):  # vLLM's beam search builds its own sampling params: unsteered
+            raise SpecError("use_beam_search", "steering and return_features do not apply to beam search")
+        for field, sequences in fan_out.items():
+            if resolved.readout is not None and sequences > 1:
+                raise SpecError(field, f"return_features reads one sequence, and this asks for {sequences}: send "
+                                "them as separate requests, or drop return_features")
         caps = self.capabilities
         if caps is None:
             return

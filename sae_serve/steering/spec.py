@@ -198,6 +198,8 @@ def _edits(applied: tuple[AppliedIntervention, ...], field: str) -> dict[str, Sa
 def _vectors(spec: SteeringSpec, registry: SaeRegistry) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
     for i, item in enumerate(spec.vectors):
+        if any(prev.name == item.name for prev in spec.vectors[:i]):  # (sums would get past strength limits)
+            raise SpecError(f"steering.vectors[{i}].name", f"steering vector {item.name!r} is named twice")
         vec = registry.vectors.get(item.name)
         if vec is None:
             raise SpecError(

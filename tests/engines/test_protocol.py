@@ -18,8 +18,10 @@ from sae_serve.engines.protocol import (
     admit,
     admitted_spec,
     merge_replies,
+    secret_id,
 )
 from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.errors import SaeServeError
 from sae_serve.steering.hook import FeatureActivations
 from sae_serve.steering.spec import RequestSpec
 
@@ -63,10 +65,17 @@ def test_cache_salts_are_keyed_and_keep_the_clients_tenant() -> None:
 
 
 def test_wire_records_round_trip_and_merge_across_ranks() -> None:
-    caps = WorkerCapabilities.from_workers([{"graph_mode": False, "slots": 16, "max_model_len": 4096}, None,
-                                            {"graph_mode": True, "slots": 8, "max_model_len": 2048}])
-    assert caps == WorkerCapabilities(True, 8, 2048)  # the strictest rank rules
+    sid = secret_id(SECRET)
+    caps = WorkerCapabilities.from_workers([
+        {"graph_mode": False, "slots": 16, "max_model_len": 4096, "secret_id": sid}, None,
+        {"graph_mode": True, "slots": 8, "max_model_len": 2048, "secret_id": sid}])
+    assert caps == WorkerCapabilities(True, 8, 2048, sid)  # the strictest rank rules
     assert WorkerCapabilities.from_workers([None, None]) is None
+    same = {"graph_mode": False, "slots": 16, "max_model_len": 4096, "secret_id": secret_id(SECRET)}
+    assert WorkerCapabilities.from_workers([same, same]).secret_id == secret_id(SECRET)
+    for other in (None, secret_id(b"deployment-b")):  # a worker without the secret, or with another
+        with pytest.raises(SaeServeError, match="do not share one SAE_SERVE_SECRET"):
+            WorkerCapabilities.from_workers([same, {**same, "secret_id": other}])
     store = ReadoutStore(max_values=100, ttl_s=10)
     store.add("k", "s", FeatureActivations(torch.tensor([0, 1]), torch.tensor([[3], [4]]), torch.tensor([[.5], [.25]])))
     wire = store.pop("k").to_wire()

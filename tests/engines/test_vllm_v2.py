@@ -14,11 +14,11 @@ import torch
 from sae_serve.engines.protocol import SPEC_KEY, admit
 from sae_serve.engines.vllm_runtime import SteeringRuntime
 from sae_serve.engines.vllm_v2 import SteeringModelState
-from sae_serve.steering.spec import RequestSpec
 from sae_serve.sae.registry import registry_of
 from sae_serve.steering.fixed import Capacity, FixedTables
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestRows
+from sae_serve.steering.spec import RequestSpec
 from tests.conftest import make_sae
 from tests.steering.test_hook import D_IN, plan_for, request
 
@@ -80,6 +80,8 @@ def test_prepare_inputs_plans_the_step_and_the_graph_op_steers_only_its_rows() -
     state.add_request(0, _new("a", CLAMP, prompt=4))
     state.add_request(1, _new("b", None, prompt=3))
     assert state.prepare_inputs(_batch(["a", "b"], [0, 4, 7], [0, 0]), None) == {"positions": "vllm's"}
+    [plan] = runtime.resolved["a"][1].values()  # graph mode: no per-request encoder or decoder slices
+    assert plan.subset is None and plan.w_dec.numel() == 0
     assert inner.calls == ["add a", "add b", "prepare"] and state.supports_mm_inputs is False
     state._mamba_ctx = None  # vLLM resets attributes on its state: they must reach it
     assert inner._mamba_ctx is None and "_mamba_ctx" not in vars(state)

@@ -58,7 +58,8 @@ def test_specs_smuggled_in_vllm_xargs_are_ignored_on_every_route(server, client)
             if path == "/v1/completions":
                 both = http.post(path, json={**body, "vllm_xargs": SMUGGLED[1], "steering": {"interventions": []}})
                 assert text(both.json()) == text(plain.json())
-    assert served >= 9  # completions, chat and responses at least
+                served += 1
+    assert served >= 10  # completions, chat and responses at least
     assert metric(base, "sae_serve_rejected_specs_total", reason="unauthenticated") == rejected + served
 
 

@@ -103,8 +103,15 @@ def test_sigterm_mid_generation_turns_unready_first_then_drains_and_exits_zero(d
         while time.time() < deadline and status == health_pb2.HealthCheckResponse.SERVING:
             status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
             time.sleep(0.05)
-    streams_done_when_unready = sum(1 for t in threads if not t.is_alive())
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING and streams_done_when_unready < 16
+        streams_done_when_unready = sum(1 for t in threads if not t.is_alive())
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING and streams_done_when_unready < 16
+        from sae_serve.server.grpc_stubs import load
+
+        pb, pb_grpc = load()
+        with pytest.raises(grpc.RpcError) as info:  # no new work while draining
+            list(pb_grpc.SaeServeStub(channel).Generate(pb.GenerateRequest(prompt="hi", max_tokens=2),
+                                                        metadata=tuple(AUTH.items()), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     for t in threads:
         t.join(timeout=120)
     assert len(outcomes) == 16

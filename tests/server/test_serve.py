@@ -292,7 +292,7 @@ def test_grpc_malformed_bytes_and_deadlines(grpc_stub) -> None:
             list(stub.Generate(bad, timeout=30))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith(field)
     # vLLM's own checks come back as INVALID_ARGUMENT too, not UNKNOWN.
-    for bad, words in ((pb.GenerateRequest(prompt="x " * 1100, max_tokens=4), "longer than"),
+    for bad, words in ((pb.GenerateRequest(prompt="x " * 1100, max_tokens=4), "maximum context length"),
                        (pb.GenerateRequest(prompt="x", temperature=3, max_tokens=2), "temperature")):
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(bad, timeout=30))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sae_serve.config import SaeServeConfig, write_config
-from sae_serve.errors import PolicyError
+from sae_serve.errors import PolicyError, SpecError
 from sae_serve.sae.features import FeatureCatalog, FeatureInfo
 from sae_serve.sae.formats import save_sae
 from sae_serve.sae.registry import SaeEntry, VectorEntry, save_vector
@@ -62,6 +62,10 @@ def test_limits_and_vectors(config_for) -> None:
     assert refused(service, steer(3, value=-6.0)).field == "steering.interventions[0].value"
     spec = RequestSpec.model_validate({"steering": {"vectors": [{"name": "v", "coefficient": 3}]}})
     assert refused(service, spec).field == "steering.vectors[0].coefficient"
+    twice = RequestSpec.model_validate({"steering": {"vectors": [{"name": "v", "coefficient": 2}] * 2}})
+    with pytest.raises(SpecError) as info:  # 2 + 2 would get past a limit of 2
+        service.prepare(twice)
+    assert info.value.field == "steering.vectors[1].name"
     no_vectors = config_for(Policy(allow_vectors=False))
     err = refused(no_vectors, RequestSpec.model_validate({"steering": {"vectors": [{"name": "v", "coefficient": 1}]}}))
     assert (err.field, err.forbidden) == ("steering.vectors", True)
@@ -135,8 +139,14 @@ def test_readouts_are_bounded_up_front_and_one_per_request(tmp_path) -> None:
     with pytest.raises(SpecError) as info:
         service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "features": list(range(9))}}))
     assert info.value.field == "return_features.features"
-    with pytest.raises(SpecError) as info:  # n choices would share one readout
-        service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 2}}), choices=2)
-    assert info.value.field == "n"
-    steer = {"steering": {"interventions": [{"sae": "l1", "feature": 1, "mode": "add", "value": 1.0}]}}
-    assert service.prepare(RequestSpec.model_validate(steer), choices=3) is not None  # each choice is steered
+    read = RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 2}})
+    for field in ("n", "prompt"):  # several sequences would share one readout
+        with pytest.raises(SpecError) as info:
+            service.prepare(read, fan_out={"n": 1, "prompt": 1, field: 2})
+        assert info.value.field == field
+    steer = RequestSpec.model_validate(
+        {"steering": {"interventions": [{"sae": "l1", "feature": 1, "mode": "add", "value": 1.0}]}})
+    assert service.prepare(steer, fan_out={"n": 3, "prompt": 2}) is not None  # each sequence is steered
+    with pytest.raises(SpecError) as info:  # vLLM's beam search drops the request's extra_args
+        service.prepare(steer, fan_out={"use_beam_search": 1})
+    assert info.value.field == "use_beam_search"

@@ -13,7 +13,8 @@ from tests.conftest import make_sae
 def registry():
     catalog = FeatureCatalog(d_sae=64, features={3: FeatureInfo(label="paris", max_activation=2.5),
                                                   9: FeatureInfo(label="nomax")})
-    return registry_of({"l1": make_sae("relu")}, {"l1": catalog}, {"happy": ("l1", torch.ones(16))})
+    return registry_of({"l1": make_sae("relu")}, {"l1": catalog}, {"happy": ("l1", torch.ones(16)),
+                                                                             "calm": ("l1", 2 * torch.ones(16))})
 
 
 def parse(body: dict) -> RequestSpec:
@@ -30,7 +31,7 @@ def test_resolves_all_modes(registry) -> None:
         {"sae": "l1", "feature": 4, "mode": "scale", "value": 0},
         {"sae": "l1", "feature": 5, "mode": "add", "value": -2},
         {"sae": "l1", "feature": 6, "mode": "clamp", "value": 1.5}],
-        "vectors": [{"name": "happy", "coefficient": 2}, {"name": "happy", "coefficient": 1}],
+        "vectors": [{"name": "happy", "coefficient": 2}, {"name": "calm", "coefficient": 0.5}],
         "positions": "generated"},
         "return_features": {"sae": "l1", "features": ["paris", 1]}})
     req = resolve(spec, registry)
