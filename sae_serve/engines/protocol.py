@@ -89,10 +89,13 @@ class EngineRequest:
 
 def cache_salt(secret: bytes, spec: RequestSpec, spec_json: str, client_salt: str | None) -> str | None:
     """The client's salt for plain requests; unique when the request reads (its prompt must be
-    computed to be read); else keyed by the secret, the client's salt and the spec."""
-    if spec.return_features is not None:
+    computed to be read) or steers only prompt or only generated positions (a later turn's prompt
+    holds earlier generated tokens, whose cached KV was steered by the other rule); else keyed by
+    the secret, the client's salt and the spec."""
+    steers = spec.steering is not None and bool(spec.steering.interventions or spec.steering.vectors)
+    if spec.return_features is not None or (steers and spec.steering.positions != "all"):
         return uuid.uuid4().hex
-    if spec.steering and (spec.steering.interventions or spec.steering.vectors):
+    if steers:
         message = f"cache_salt\0{client_salt or ''}\0{spec_json}".encode()
         return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
     return client_salt

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from sae_serve.sae.model import SparseAutoencoder
-from sae_serve.steering.plan import SaePlan, Segment
+from sae_serve.steering.plan import RequestPlan, SaePlan, Segment
 
 
 class FeatureActivations(NamedTuple):
@@ -31,12 +31,33 @@ class HookResult(NamedTuple):
     readouts: dict[int, FeatureActivations]  # by request index in the step
 
 
+FULL_ENCODE_ELEMENTS = 2**24
+"""Most (rows x d_sae) activations a full encode holds at once: one request's prefill on a large
+dictionary (8k rows x 131k features) would otherwise take GBs that vLLM's memory profile never saw."""
+
+
+def _encode_all(x_rows: torch.Tensor, sae: SparseAutoencoder, plan: RequestPlan
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Every feature, in row chunks: (the plan's features' activations, (top-k values, indices) or None)."""
+    acts, values, indices = [], [], []
+    for chunk in x_rows.split(max(1, FULL_ENCODE_ELEMENTS // sae.d_sae)):
+        full = sae.encode(chunk)
+        acts.append(full[:, plan.features])
+        if plan.top_k is not None:
+            top = torch.topk(full, k=min(plan.top_k, full.shape[1]), dim=1)
+            values.append(top.values)
+            indices.append(top.indices)
+    return torch.cat(acts), (torch.cat(values), torch.cat(indices)) if plan.top_k is not None else None
+
+
 def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
                  ) -> tuple[torch.Tensor | None, int, FeatureActivations | None]:
     """(delta for the rows from the returned local offset on, or None; that offset; readout)."""
     plan = seg.plan
-    full = sae.encode(x_rows) if plan.full_encode else None
-    acts = sae.encode_subset(x_rows, plan.subset) if full is None else full[:, plan.features]
+    if plan.full_encode:
+        acts, top = _encode_all(x_rows, sae, plan)
+    else:
+        acts, top = sae.encode_subset(x_rows, plan.subset), None
     delta, first = None, 0
     if plan.steers:
         first, last = seg.rows.scope(plan.positions)
@@ -48,8 +69,8 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
                 delta = delta + plan.vector
     readout = None
     if plan.reads:
-        if plan.top_k is not None and full is not None:
-            values, indices = torch.topk(full, k=min(plan.top_k, full.shape[1]), dim=1)
+        if top is not None:
+            values, indices = top
             readout = FeatureActivations(seg.rows.positions(), indices.cpu(), values.float().cpu())
         else:
             readout = read_features(seg, acts)

@@ -62,6 +62,8 @@ def test_cache_salts_are_keyed_and_keep_the_clients_tenant() -> None:
     assert len({a.cache_salt, tenant_1.cache_salt, tenant_2.cache_salt}) == 3
     assert admit(RequestSpec(), "tenant-1", SECRET).cache_salt == "tenant-1"  # plain: the client's own
     assert admit(READ, secret=SECRET).cache_salt != admit(READ, secret=SECRET).cache_salt  # readers: never shared
+    prompt_only = RequestSpec.model_validate({"steering": {**STEER.steering.model_dump(), "positions": "prompt"}})
+    assert admit(prompt_only, secret=SECRET).cache_salt != admit(prompt_only, secret=SECRET).cache_salt
 
 
 def test_wire_records_round_trip_and_merge_across_ranks() -> None:

@@ -67,8 +67,7 @@ def test_a_guessed_salt_cannot_poison_a_steered_prefix(server, client, reference
     """Plain first with the salt a client could compute (the spec's hash, or any guess), then
     steered, then plain again: each equals its own solo run (the reference engine)."""
     c, model = client
-    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "military", "mode": "add", "value": 8.0}],
-                         "positions": "prompt"}}
+    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "military", "mode": "add", "value": 8.0}]}}
     guessed = hashlib.sha256(RequestSpec.model_validate(spec).model_dump_json().encode()).hexdigest()[:32]
 
     def run(body: dict, salt: str | None = None) -> str:

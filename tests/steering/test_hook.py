@@ -106,6 +106,23 @@ def test_readout_only_leaves_x_bit_identical() -> None:
     assert list(result.readouts) == [1]
 
 
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_the_full_encode_runs_in_bounded_row_chunks_with_the_same_result(arch: str, monkeypatch) -> None:
+    """A top-k readout (and a TopK SAE) encode every feature: in chunks of 3 rows here."""
+    from sae_serve.steering import hook
+
+    reg = registry(arch)
+    x = torch.randn(10, D_IN)
+    req = request(reg, [{"feature": 3, "mode": "clamp", "value": 5.0}], readout={"top_k": 4})
+    plan = plan_for(reg, [req], [RequestRows(0, 10, 0, 10)])
+    whole = apply_plan(x, reg.saes["s"].sae, plan)
+    monkeypatch.setattr(hook, "FULL_ENCODE_ELEMENTS", 3 * D_SAE)
+    chunked = apply_plan(x, reg.saes["s"].sae, plan)
+    torch.testing.assert_close(chunked.x, whole.x)
+    torch.testing.assert_close(chunked.readouts[0].values, whole.readouts[0].values)
+    assert torch.equal(chunked.readouts[0].indices, whole.readouts[0].indices)
+
+
 def test_feature_list_readout_shows_pre_edit_values() -> None:
     reg = registry()
     x = torch.randn(4, D_IN)
