@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "features": "Show a feature's card; find features by contrastive search.",
     "train": "Harvest activations and train an SAE (paper ReLU, TopK, BatchTopK).",
     "eval": "Evaluate an SAE on held-out text: FVU, L0, dead, Delta CE, loss recovered.",
+    "sae": "Check an SAE (any supported format) against a model before deploying it.",
     "calibrate": "Calibrate features: max activation, density, top examples, promoted tokens.",
     "sweep": "Train a (features x tokens) grid and fit scaling laws.",
     "serve": "Serve a model with SAE steering over the OpenAI-compatible API.",

@@ -184,15 +184,17 @@ class ReluSAE(SparseAutoencoder):
 
 
 class JumpReluSAE(SparseAutoencoder):
-    """Gemma Scope's JumpReLU: a_i = z_i if z_i > threshold_i else 0."""
+    """Gemma Scope's JumpReLU: a_i = relu(z_i) if z_i > threshold_i else 0. The relu matters for
+    thresholds <= 0 (an unset BatchTopK threshold, some trained ones): as SAELens and Gemma Scope
+    compute it, never a negative activation."""
 
     architecture = "jumprelu"
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
-        return pre * (pre > self.threshold)
+        return torch.relu(pre) * (pre > self.threshold)
 
     def _activate_subset(self, pre: torch.Tensor, sub: FeatureSubset) -> torch.Tensor:
-        return pre * (pre > sub.threshold)
+        return torch.relu(pre) * (pre > sub.threshold)
 
 
 class TopKSAE(SparseAutoencoder):
@@ -229,7 +231,10 @@ def build_sae(cfg: SaeConfig, tensors: dict[str, torch.Tensor], source: str) -> 
             raise SaeFormatError(source, f"tensor {name} has dtype {tensor.dtype}, expected a float")
         if not torch.isfinite(tensor).all():
             raise SaeFormatError(source, f"tensor {name} contains NaN or infinite values")
-    return SAE_CLASSES[cfg.architecture](cfg, {n: tensors[n] for n in expected})
+    extra = sorted(set(tensors) - set(expected))
+    if extra:  # a tensor the math would ignore means the file computes something else
+        raise SaeFormatError(source, f"tensor {extra[0]} is not part of a {cfg.architecture} SAE")
+    return SAE_CLASSES[cfg.architecture](cfg, dict(tensors))
 
 
 def with_hook_layer(cfg: SaeConfig, hook_layer: int | None) -> SaeConfig:

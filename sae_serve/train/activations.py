@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,25 @@ def layer_activations(model: nn.Module, input_ids: torch.Tensor, layer: int) -> 
     finally:
         handle.remove()
     return captured[0]
+
+
+def every_layer_activations(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """(batch, seq, d_model) output of every decoder layer (resid_post), in one forward."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def grab(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [layer.register_forward_hook(grab(i)) for i, layer in enumerate(decoder_layers(model))]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[i] for i in sorted(captured)]
 
 
 def normalisation_scale(sample: torch.Tensor) -> float:

@@ -89,9 +89,9 @@ def _saelens(tmp_path: Path, **cfg_changes) -> Path:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"architecture": "gated"}, "architecture 'gated' is not supported"),
-        ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm' is not supported"),
-        ({"hook_name": "blocks.3.hook_mlp_out"}, "not a residual-stream hook"),
+        ({"architecture": "gated"}, "field architecture='gated' is not supported"),
+        ({"normalize_activations": "layer_norm"}, "field normalize_activations='layer_norm' is not supported"),
+        ({"hook_name": "blocks.3.hook_mlp_out"}, "hook_name='blocks.3.hook_mlp_out' is not supported"),
         ({"d_in": "16"}, "field 'd_in' must be a int"),
         ({"d_sae": 65}, r"W_enc has shape \(16, 64\), expected \(16, 65\)"),
         ({"hook_name": None, "hook_layer": None, "metadata": {}}, "pass hook_layer"),
@@ -140,10 +140,10 @@ def test_nan_weights_named(tmp_path: Path) -> None:
 def test_sparsify_unsupported_options(tmp_path: Path) -> None:
     (tmp_path / "sae.safetensors").write_bytes(b"")
     (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 16, "k": 4, "skip_connection": True}))
-    with pytest.raises(SaeFormatError, match="skip_connection=true is not supported"):
+    with pytest.raises(SaeFormatError, match="skip_connection=True is not supported"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 16, "k": 4, "activation": "groupmax"}))
-    with pytest.raises(SaeFormatError, match="activation 'groupmax'"):
+    with pytest.raises(SaeFormatError, match="activation='groupmax'"):
         load_sae(tmp_path)
 
 

@@ -18,7 +18,7 @@ def reference_encode(sae, x: torch.Tensor) -> torch.Tensor:
     if sae.cfg.architecture == "relu":
         return pre.clamp(min=0)
     if sae.cfg.architecture == "jumprelu":
-        return torch.where(pre > t["threshold"], pre, 0.0)
+        return torch.where(pre > t["threshold"], pre.clamp(min=0), 0.0)
     kth = pre.sort(dim=-1, descending=True).values[..., sae.cfg.k - 1 : sae.cfg.k]
     return torch.where(pre >= kth, pre.clamp(min=0), 0.0)
 

@@ -1,0 +1,234 @@
+"""SAE files as other libraries write them (their key names, cfg fields and folder layouts, read
+from their code), checked against float64 references of each library's own encode formula; and
+every option that would change the math either folded in exactly or refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_serve.errors import SaeFormatError
+from sae_serve.sae.formats import load_sae, save_sae
+from tests.conftest import make_sae
+
+D, F = 16, 64
+
+
+def _random(seed: int = 0, decoder_norms: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors under SAELens names; decoder rows of uneven norm unless told otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(F, D, generator=g, dtype=torch.float64)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True) * (torch.rand(F, 1, generator=g, dtype=torch.float64) * 2 + 0.2
+                                                        if decoder_norms else 1)
+    return {"W_enc": w_dec.T.clone() + 0.3 * torch.randn(D, F, generator=g, dtype=torch.float64),
+            "b_enc": 0.2 * torch.randn(F, generator=g, dtype=torch.float64), "W_dec": w_dec,
+            "b_dec": 0.1 * torch.randn(D, generator=g, dtype=torch.float64)}
+
+
+def _x(n: int = 24) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+
+def _topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    top = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.clamp(min=0))
+
+
+def _check(sae, acts: torch.Tensor, recon: torch.Tensor, x: torch.Tensor) -> None:
+    """The loaded SAE's activations and reconstruction equal the library's (float64) formula."""
+    torch.testing.assert_close(sae.encode(x.float()).double(), acts, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae(x.float()).double(), recon, atol=1e-4, rtol=1e-4)
+
+
+def _write_saelens(folder: Path, tensors: dict[str, torch.Tensor], **cfg) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.float().contiguous() for n, t in tensors.items()}, str(folder / "sae_weights.safetensors"))
+    base = {"d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+            "normalize_activations": "none", "reshape_activations": "none",
+            "metadata": {"model_name": "m", "hook_name": "blocks.4.hook_resid_post", "sae_lens_version": "6.49.2"}}
+    (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
+    return folder
+
+
+# --- SAELens --------------------------------------------------------------------------------
+def test_saelens_topk_rescaled_by_decoder_norm_is_folded_exactly(tmp_path: Path) -> None:
+    """SAELens TopK with rescale_acts_by_decoder_norm: top-k of pre * |W_dec_i|, decoded / |W_dec_i|."""
+    t, x = _random(), _x()
+    norms = t["W_dec"].norm(dim=1)
+    acts = _topk(((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * norms, 4)
+    recon = (acts / norms) @ t["W_dec"] + t["b_dec"]
+    sae = load_sae(_write_saelens(tmp_path, t, architecture="topk", k=4, rescale_acts_by_decoder_norm=True))
+    _check(sae, acts, recon, x)
+    plain = load_sae(_write_saelens(tmp_path / "plain", t, architecture="topk", k=4))
+    assert not torch.allclose(plain.encode(x.float()).double(), acts, atol=1e-3)  # ignoring it is wrong
+
+
+def test_saelens_jumprelu_with_thresholds_at_or_below_zero(tmp_path: Path) -> None:
+    t, x = _random(1), _x()
+    t["threshold"] = torch.linspace(-0.5, 0.3, F, dtype=torch.float64)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    acts = torch.relu(pre) * (pre > t["threshold"])  # SAELens and Gemma Scope: never negative
+    sae = load_sae(_write_saelens(tmp_path, t, architecture="jumprelu"))
+    _check(sae, acts, acts @ t["W_dec"] + t["b_dec"], x)
+    assert (sae.encode(x.float()) >= 0).all()
+
+
+def test_saelens_training_checkpoints_and_old_configs(tmp_path: Path) -> None:
+    """log_threshold (JumpReLU training), a BatchTopK checkpoint (its learned scalar threshold, as
+    SAELens exports it), a fine-tuning scale, and a pre-6.0 cfg (flat hook fields, activation_fn_str)."""
+    t, x = _random(2, decoder_norms=False), _x()
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    theta = torch.full((F,), 0.15, dtype=torch.float64)
+    sae = load_sae(_write_saelens(tmp_path / "log", {**t, "log_threshold": theta.log()}, architecture="jumprelu"))
+    _check(sae, torch.relu(pre) * (pre > theta), (torch.relu(pre) * (pre > theta)) @ t["W_dec"] + t["b_dec"], x)
+    sae = load_sae(_write_saelens(tmp_path / "btk", {**t, "topk_threshold": torch.tensor(0.15, dtype=torch.float64)},
+                                  architecture="batchtopk", k=4, rescale_acts_by_decoder_norm=False))
+    assert sae.cfg.architecture == "jumprelu"
+    _check(sae, torch.relu(pre) * (pre > theta), (torch.relu(pre) * (pre > theta)) @ t["W_dec"] + t["b_dec"], x)
+    scale = torch.linspace(0.5, 2, F, dtype=torch.float64)
+    sae = load_sae(_write_saelens(tmp_path / "ft", {**t, "scaling_factor": scale}, architecture="standard",
+                                  finetuning_scaling_factor=True))
+    _check(sae, torch.relu(pre), (torch.relu(pre) * scale) @ t["W_dec"] + t["b_dec"], x)
+    old = _write_saelens(tmp_path / "old", t)
+    (old / "cfg.json").write_text(json.dumps({
+        "architecture": "standard", "d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu",
+        "model_name": "gpt2", "hook_point": "blocks.6.hook_resid_pre", "hook_point_layer": 6,
+        "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}, "apply_b_dec_to_input": True,
+        "finetuning_scaling_factor": False, "context_size": 128, "normalize_activations": False}))
+    sae = load_sae(old)
+    assert (sae.cfg.architecture, sae.cfg.k, sae.hook_layer, sae.hook_point) == ("topk", 4, 6, "resid_pre")
+    _check(sae, _topk(pre, 4), _topk(pre, 4) @ t["W_dec"] + t["b_dec"], x)
+
+
+@pytest.mark.parametrize(("cfg", "tensors", "field"), [
+    ({"architecture": "gated"}, {}, "architecture='gated'"),
+    ({"architecture": "skip_transcoder", "d_out": D}, {}, "architecture='skip_transcoder'"),
+    ({"architecture": "jumprelu_transcoder"}, {}, "architecture='jumprelu_transcoder'"),
+    ({"normalize_activations": "expected_average_only_in"}, {}, "normalize_activations='expected_average_only_in'"),
+    ({"normalize_activations": True}, {}, "normalize_activations=True"),
+    ({"normalize_activations": "constant_norm_rescale"}, {}, "normalize_activations='constant_norm_rescale'"),
+    ({"reshape_activations": "hook_z"}, {}, "reshape_activations='hook_z'"),
+    ({"metadata": {"hook_name": "blocks.4.attn.hook_z"}}, {}, "hook_name='blocks.4.attn.hook_z'"),
+    ({"metadata": {"hook_name": "blocks.4.hook_resid_post", "hook_head_index": 3}}, {}, "hook_head_index=3"),
+    ({"activation_fn_str": "tanh-relu"}, {}, "activation_fn_str='tanh-relu'"),
+    ({"some_new_option": 2}, {}, "field 'some_new_option' is not one this loader knows"),
+    ({}, {"W_skip": torch.zeros(D, D)}, "tensor W_skip is not part of a relu SAE"),
+    ({}, {"scaling_factor": torch.full((F,), 2.0)}, "scaling_factor is not all ones"),
+])
+def test_saelens_options_that_change_the_math_are_refused_by_name(tmp_path: Path, cfg: dict, tensors: dict,
+                                                                  field: str) -> None:
+    folder = _write_saelens(tmp_path, {**_random(), **tensors}, **{"architecture": "standard", **cfg})
+    with pytest.raises(SaeFormatError, match=field) as info:
+        load_sae(folder)
+    assert str(folder) in str(info.value)
+
+
+# --- sparsify -------------------------------------------------------------------------------
+def _write_sparsify(folder: Path, t: dict[str, torch.Tensor], extra: dict | None = None, **cfg) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"encoder.weight": t["W_enc"].T.float().contiguous(), "encoder.bias": t["b_enc"].float(),
+               "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float(), **(extra or {})},
+              str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({
+        "activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": F, "k": 4,
+        "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D, **cfg}))
+    return folder
+
+
+def test_sparsify_as_sparsify_computes_it(tmp_path: Path) -> None:
+    """relu((x - b_dec) W_enc^T + b) then top-k; num_latents overrides expansion_factor; GPT-2
+    style ``h.N`` folders name the layer too."""
+    t, x = _random(3), _x()
+    acts = _topk(torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]), 4)
+    for name in ("layers.7", "h.7"):
+        sae = load_sae(_write_sparsify(tmp_path / "run" / name, t, multi_topk=True))
+        assert (sae.d_sae, sae.hook_layer, sae.hook_point) == (F, 7, "resid_post")
+        _check(sae, acts, acts @ t["W_dec"] + t["b_dec"], x)
+
+
+@pytest.mark.parametrize(("name", "cfg", "extra", "message"), [
+    ("layers.3", {"transcode": True}, {}, "transcode=True is not supported"),
+    ("layers.3", {"skip_connection": True}, {}, "skip_connection=True is not supported"),
+    ("layers.3", {"activation": "groupmax"}, {}, "activation='groupmax' is not supported"),
+    ("layers.3", {"signed": True}, {}, "signed=True is not supported"),
+    ("layers.3", {"embed_skip": True}, {}, "field 'embed_skip' is not one this loader knows"),
+    ("layers.3", {}, {"W_skip": torch.zeros(D, D)}, "tensor W_skip is not part of a plain sparsify SAE"),
+    ("layers.3.mlp", {}, {}, "hookpoint 'layers.3.mlp' is not a decoder layer's output"),
+])
+def test_sparsify_variants_are_refused_by_name(tmp_path: Path, name: str, cfg: dict, extra: dict,
+                                               message: str) -> None:
+    with pytest.raises(SaeFormatError, match=message):
+        load_sae(_write_sparsify(tmp_path / name, _random(), extra, **cfg))
+
+
+# --- dictionary_learning ----------------------------------------------------------------------
+def _write_dl(folder: Path, dict_class: str, state: dict[str, torch.Tensor], **trainer) -> Path:
+    """trainer_0/ae.pt (a state dict) + config.json, as dictionary_learning's trainSAE writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({n: v.float() if v.is_floating_point() else v for n, v in state.items()}, folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({
+        "trainer": {"dict_class": dict_class, "trainer_class": "X", "activation_dim": D, "dict_size": F, "layer": 3,
+                    "lm_name": "EleutherAI/pythia-70m-deduped", "submodule_name": "resid_post_layer_3", **trainer},
+        "buffer": {"d_submodule": D, "io": "out", "n_ctxs": 30000, "ctx_len": 128}}))
+    return folder
+
+
+def _linear(t: dict[str, torch.Tensor], b_dec: str) -> dict[str, torch.Tensor]:
+    return {"encoder.weight": t["W_enc"].T.contiguous(), "encoder.bias": t["b_enc"],
+            "decoder.weight": t["W_dec"].T.contiguous(), b_dec: t["b_dec"]}
+
+
+def test_dictionary_learning_classes_as_they_encode(tmp_path: Path) -> None:
+    t, x = _random(4, decoder_norms=False), _x()
+    centred = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    raw = x @ t["W_enc"] + t["b_enc"]
+    theta = torch.tensor(0.2, dtype=torch.float64)
+    cases = {  # dict_class: (state dict, the class's own encode)
+        "AutoEncoder": (_linear(t, "bias"), torch.relu(centred)),
+        "AutoEncoderNew": ({**_linear(t, "decoder.bias")}, torch.relu(raw)),
+        "AutoEncoderTopK": ({**_linear(t, "b_dec"), "k": torch.tensor(4, dtype=torch.int32),
+                             "threshold": torch.tensor(-1.0)}, _topk(torch.relu(centred), 4)),
+        "BatchTopKSAE": ({**_linear(t, "b_dec"), "k": torch.tensor(4, dtype=torch.int32), "threshold": theta},
+                         torch.relu(centred) * (torch.relu(centred) > theta)),
+        "JumpReluAutoEncoder": ({**t, "threshold": torch.full((F,), 0.2, dtype=torch.float64)},
+                                torch.relu(raw * (raw > 0.2))),
+        "MatryoshkaBatchTopKSAE": ({**t, "threshold": theta, "k": torch.tensor(4), "group_sizes": torch.tensor([F])},
+                                   torch.relu(centred) * (torch.relu(centred) > theta)),
+    }
+    for dict_class, (state, acts) in cases.items():
+        sae = load_sae(_write_dl(tmp_path / dict_class / "trainer_0", dict_class, state))
+        assert (sae.hook_layer, sae.hook_point) == (3, "resid_post")
+        assert sae.cfg.model_name == "EleutherAI/pythia-70m-deduped"
+        _check(sae, acts, acts @ t["W_dec"] + t["b_dec"], x)
+
+
+@pytest.mark.parametrize(("dict_class", "trainer", "extra", "message"), [
+    ("GatedAutoEncoder", {}, {}, "trainer.dict_class='GatedAutoEncoder' is not supported"),
+    ("AutoEncoder", {"submodule_name": "mlp_out_layer_3"}, {}, "trainer.submodule_name='mlp_out_layer_3'"),
+    ("AutoEncoder", {}, {"W_skip": torch.zeros(D, D)}, "tensor W_skip is not part of a AutoEncoder"),
+])
+def test_dictionary_learning_refusals(tmp_path: Path, dict_class: str, trainer: dict, extra: dict,
+                                      message: str) -> None:
+    with pytest.raises(SaeFormatError, match=message):
+        load_sae(_write_dl(tmp_path, dict_class, {**_linear(_random(), "bias"), **extra}, **trainer))
+
+
+def test_dictionary_learning_layer_input_is_resid_pre_and_a_corrupt_file_is_named(tmp_path: Path) -> None:
+    folder = _write_dl(tmp_path / "a", "AutoEncoder", _linear(_random(), "bias"))
+    config = json.loads((folder / "config.json").read_text())
+    config["buffer"]["io"] = "in"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_sae(folder).hook_point == "resid_pre"
+    (folder / "ae.pt").write_bytes(b"not a zip or pickle")
+    with pytest.raises(SaeFormatError, match=r"ae.pt: not a readable state dict"):
+        load_sae(folder)
+
+
+def test_our_own_files_still_round_trip_with_the_field_check(tmp_path: Path) -> None:
+    for arch in ("relu", "jumprelu", "topk"):
+        sae = make_sae(arch)
+        assert load_sae(save_sae(sae, tmp_path / arch)).cfg == sae.cfg
