@@ -1,4 +1,4 @@
-"""``sae-serve features show N | search --positive FILE --negative FILE``."""
+"""``sae-serve features show N | search --positive FILE --negative FILE | import-labels FILE``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--top", type=int, default=10)
     add_sae_argument(search)
     add_model_argument(search)
+    labels = sub.add_parser("import-labels", help="take descriptions and labels from a Neuronpedia export")
+    labels.add_argument("file", type=Path, help="explanations: JSON lines (batch-N.jsonl.gz) or a JSON array")
+    labels.add_argument("--neuronpedia-id", default=None,
+                        help="MODEL/SAE as Neuronpedia and SAELens name it (default: the export's only one)")
+    labels.add_argument("--overwrite", action="store_true", help="replace labels the catalog already has")
+    add_sae_argument(labels)
 
 
 def _examples(folder: Path) -> dict:
@@ -66,8 +72,16 @@ def run(args: argparse.Namespace) -> int:
     sae = load_sae(folder)
     catalog = FeatureCatalog.load(folder if folder.is_dir() else folder.parent, sae.d_sae)
     extras = _examples(folder if folder.is_dir() else folder.parent)
+    if args.action == "import-labels":
+        from sae_serve.sae.labels import import_labels, read_explanations
+
+        catalog, count = import_labels(catalog, read_explanations(args.file), args.file, args.neuronpedia_id,
+                                       args.overwrite)
+        path = catalog.save(folder if folder.is_dir() else folder.parent)
+        print(f"{count} features described from {args.file}; wrote {path}")
+        return 0
     if args.action == "show":
-        ref = int(args.feature) if args.feature.isdigit() else args.feature
+        ref = int(args.feature) if args.feature.isascii() and args.feature.isdigit() else args.feature
         print(_describe(catalog.resolve(ref, "feature"), catalog, extras, args.examples))
         return 0
     from sae_serve.train.calibrate import contrastive_scores
