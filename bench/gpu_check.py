@@ -59,7 +59,7 @@ def check(model: str, config: str) -> dict:
             failures.append(f"isolation: request {i} {spec}")
         if together[i].features is not None and not torch.equal(alone.features.values, together[i].features.values):
             failures.append(f"isolation of activations: request {i}")
-    french = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+    french = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp",
                                               "multiple_of_max": 1.0}]}}
     [steered] = llm.generate(["My favourite food is"], [french], greedy)
     if " la " not in steered.text + " ":

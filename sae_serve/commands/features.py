@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--top", type=int, default=10)
     add_sae_argument(search)
     add_model_argument(search)
+    validate = sub.add_parser("validate", help="check each label on held-out texts; record precision and recall")
+    validate.add_argument("--checks", type=Path, default=None,
+                          help="label_checks.json: {labels: {LABEL: {positive: [...], negative: [...]}}} "
+                               "(default: the one beside the SAE)")
+    add_sae_argument(validate)
+    add_model_argument(validate)
     labels = sub.add_parser("import-labels", help="take descriptions and labels from a Neuronpedia export")
     labels.add_argument("file", type=Path, help="explanations: JSON lines (batch-N.jsonl.gz) or a JSON array")
     labels.add_argument("--neuronpedia-id", default=None,
@@ -49,6 +55,9 @@ def _describe(index: int, catalog, extras: dict, n_examples: int) -> str:
         lines.append(f"  density:        {info.density:.5f}")
     if info.description:
         lines.append(f"  description:    {info.description}")
+    if info.precision is not None:
+        lines.append(f"  label check:    precision {info.precision:.2f}, recall {info.recall:.2f} "
+                     f"on {info.checked_texts} held-out texts")
     if index < len(extras["promoted_tokens"]):
         lines.append(f"  promotes:       {extras['promoted_tokens'][index]}")
     for ex in (extras["examples"][index] if index < len(extras["examples"]) else [])[:n_examples]:
@@ -80,6 +89,19 @@ def run(args: argparse.Namespace) -> int:
         path = catalog.save(folder if folder.is_dir() else folder.parent)
         print(f"{count} features described from {args.file}; wrote {path}")
         return 0
+    if args.action == "validate":
+        from sae_serve.train.label_checks import CHECKS_FILE, read_checks, validated_catalog
+
+        checks_path = args.checks or (folder if folder.is_dir() else folder.parent) / CHECKS_FILE
+        model, tokenizer = load_model(args)
+        catalog = validated_catalog(catalog, sae, model, tokenizer, read_checks(checks_path), checks_path)
+        catalog.save(folder if folder.is_dir() else folder.parent)
+        print(f"{'label':<22} {'feature':>7} {'precision':>9} {'recall':>6}  texts")
+        for check in read_checks(checks_path):
+            index = catalog.resolve(check.label, "label")
+            info = catalog.info(index)
+            print(f"{check.label:<22} {index:>7} {info.precision:>9.2f} {info.recall:>6.2f}  {info.checked_texts}")
+        return 0
     if args.action == "show":
         ref = int(args.feature) if args.feature.isascii() and args.feature.isdigit() else args.feature
         print(_describe(catalog.resolve(ref, "feature"), catalog, extras, args.examples))
@@ -88,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args)
     scores = contrastive_scores(sae, model, tokenizer, read_texts(args.positive), read_texts(args.negative))
-    print(f"{'feature':>8} {'score':>8}  label")
+    print(f"{'feature':>8} {'score':>8}  label (precision/recall of its held-out check)")
     for index in scores.topk(args.top).indices.tolist():
-        label = catalog.label_of(index) or ""
+        info = catalog.info(index)
+        checked = f" ({info.precision:.2f}/{info.recall:.2f})" if info.precision is not None else ""
         tokens = [ex["token"] for ex in extras["examples"][index][:4]] if extras["examples"] else []
-        print(f"{index:>8} {scores[index]:>8.3f}  {label}  {tokens}")
+        print(f"{index:>8} {scores[index]:>8.3f}  {info.label or ''}{checked}  {tokens}")
     return 0

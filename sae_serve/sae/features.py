@@ -33,6 +33,12 @@ class FeatureInfo(BaseModel):
     """Fraction of calibration tokens on which the feature fired."""
     description: str | None = None
     """Longer free text (how the label was found)."""
+    precision: float | None = Field(default=None, ge=0, le=1)
+    """Of the held-out texts the feature fires on, the fraction the label says it should."""
+    recall: float | None = Field(default=None, ge=0, le=1)
+    """Of the held-out texts the label says it should fire on, the fraction it fires on."""
+    checked_texts: int | None = Field(default=None, ge=1)
+    """How many held-out texts (positive and negative) those two figures come from."""
 
 
 class FeatureCatalog(BaseModel):

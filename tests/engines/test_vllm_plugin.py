@@ -105,10 +105,10 @@ def test_isolation_over_random_specs(llm) -> None:
 
 def test_matches_the_reference_engine(llm, reference) -> None:
     specs = [None,
-             {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+             {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp",
                                               "multiple_of_max": 1.0}]}},
-             {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "scale", "value": 0}]},
-              "return_features": {"sae": "layer15", "features": ["french", "military"]}},
+             {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "scale", "value": 0}]},
+              "return_features": {"sae": "layer15", "features": ["non-english", "military"]}},
              {"steering": {"interventions": [{"sae": "layer15", "feature": "military", "mode": "add", "value": 6.0}]},
               "return_features": {"sae": "layer15", "top_k": 3}},
              {"steering": {"vectors": [{"name": "v", "coefficient": 50.0}], "positions": "generated"}}]
@@ -188,7 +188,7 @@ def test_plain_vllm_with_additional_config(config, default_model_dir, monkeypatc
     ensure_secret()  # before the LLM starts its workers
     llm = LLM(model=str(default_model_dir), enforce_eager=True, dtype="float32", max_model_len=256,
               additional_config={"sae_serve": json.loads(config.model_dump_json())})
-    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp",
                                             "multiple_of_max": 1.0}]}}
     admitted = admit(RequestSpec.model_validate(spec))
     params = SamplingParams(temperature=0, max_tokens=6, extra_args=admitted.extra_args)

@@ -20,7 +20,7 @@ import pytest
 
 API_KEY = "test-key-7f3a"  # the test servers require it, on HTTP and gRPC
 AUTH = {"authorization": f"Bearer {API_KEY}"}
-FRENCH = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp",
+FRENCH = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp",
                                           "multiple_of_max": 1.0}]}}
 
 

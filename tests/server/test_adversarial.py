@@ -15,7 +15,7 @@ from sae_serve.steering.spec import RequestSpec, resolve
 from tests.server.harness import AUTH, metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
-# Far past the policy (french is steerable up to 4x its max; 1000 is absurd): never to be applied.
+# Far past the policy (non-english is steerable up to 4x its max; 1000 is absurd): never to be applied.
 STRONG = {"steering": {"interventions": [{"sae": "layer15", "feature": 4563, "mode": "clamp", "value": 1000.0}]}}
 SMUGGLED = [
     {SPEC_KEY: json.dumps(STRONG)},
@@ -89,7 +89,7 @@ def test_a_clients_cache_salt_still_separates_tenants(server, client) -> None:
     """Steered alike, two tenants share no prefix blocks; one tenant's repeat does hit its own."""
     base = server.base
     c, model = client
-    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "french", "mode": "clamp", "value": 2.0}]}}
+    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp", "value": 2.0}]}}
     prompt = LONG_PROMPT.replace("harbour", "mountain")
 
     def hits_after(salt: str) -> float:

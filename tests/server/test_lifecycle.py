@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def drifted(default_model_dir, tmp_path_factory) -> Server:
-    """The API process knows feature 4563 as `french`; the workers' copy of the catalog renamed it."""
+    """The API process knows feature 4563 as `non-english`; the workers' copy of the catalog renamed it."""
     folder = tmp_path_factory.mktemp("drifted")
     shutil.copytree(DEFAULT_SAE_DIR, folder / "sae")
     catalog = json.loads((folder / "sae" / "features.json").read_text())
@@ -48,7 +48,7 @@ def test_a_request_the_workers_fail_is_never_a_success(drifted) -> None:
         response = http.post("/v1/completions", json={**body, **FRENCH})
         assert response.status_code == 500, response.text
         error = response.json()["error"]
-        assert error["type"] == "InternalServerError" and "no feature is labelled 'french'" in error["message"]
+        assert error["type"] == "InternalServerError" and "no feature is labelled 'non-english'" in error["message"]
         with http.stream("POST", "/v1/completions", json={**body, **FRENCH, "stream": True}) as stream:
             events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
@@ -62,10 +62,10 @@ def test_a_request_the_workers_fail_is_never_a_success(drifted) -> None:
     pb, pb_grpc = load()
     with grpc.intercept_channel(grpc.insecure_channel(drifted.grpc_address), WithApiKey()) as channel:
         request = pb.GenerateRequest(prompt="My favourite food is", max_tokens=4, steering=pb.Steering(interventions=[
-            pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="french"), mode=pb.CLAMP, value=2.0)]))
+            pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="non-english"), mode=pb.CLAMP, value=2.0)]))
         with pytest.raises(grpc.RpcError) as info:
             list(pb_grpc.SaeServeStub(channel).Generate(request, timeout=60))
-        assert info.value.code() == grpc.StatusCode.INTERNAL and "french" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.INTERNAL and "non-english" in info.value.details()
     assert metric(base, "sae_serve_refused_requests_total", reason="worker_error") == failed + 3
 
 

@@ -102,7 +102,7 @@ def test_64_concurrent_steered_streams_equal_their_solo_runs(server, client) -> 
     proc = server.proc
     c, model = client
     rng = random.Random(7)
-    labels = ["french", "military", "soviet", "london", "python-return"]
+    labels = ["non-english", "military", "soviet-russian", "city-name", "python-return"]
     jobs = []
     for i in range(64):
         spec = {"steering": {"interventions": [

@@ -31,14 +31,14 @@ def test_steered_and_plain_completions_match_the_reference(client, reference) ->
     assert plain.choices[0].text == want_plain.text
     assert steered.choices[0].text == want_steered.text != plain.choices[0].text
     applied = steered.model_extra["sae"]["applied"]
-    assert applied == [{"sae": "layer15", "feature": 4563, "label": "french", "mode": "clamp",
+    assert applied == [{"sae": "layer15", "feature": 4563, "label": "non-english", "mode": "clamp",
                         "value": pytest.approx(7.6258, abs=1e-3)}]
     assert "sae" not in (plain.model_extra or {})
 
 
 def test_activations_in_the_response_match_the_reference(client, reference) -> None:
     c, model = client
-    body = {"return_features": {"sae": "layer15", "features": ["french", "military", 100]}}
+    body = {"return_features": {"sae": "layer15", "features": ["non-english", "military", 100]}}
     out = c.completions.create(model=model, prompt="Le chat dort sur le canapé", max_tokens=4, temperature=0,
                                extra_body=body)
     tokens = out.model_extra["sae"]["features"]["tokens"]
@@ -47,7 +47,7 @@ def test_activations_in_the_response_match_the_reference(client, reference) -> N
     assert [t["position"] for t in tokens] == want.features.positions.tolist()
     got = torch.tensor([[f["activation"] for f in t["features"]] for t in tokens])
     torch.testing.assert_close(got, want.features.values, atol=2e-2, rtol=2e-2)
-    assert tokens[1]["features"][0]["label"] == "french"
+    assert tokens[1]["features"][0]["label"] == "non-english"
 
 
 def _french_mass(choice) -> float:
@@ -125,7 +125,7 @@ def test_policy_refusals_name_the_field(client) -> None:
     assert "steering.interventions[0].feature" in str(info.value) and "may not be steered" in str(info.value)
     with pytest.raises(BadRequestError) as info:
         c.completions.create(model=model, prompt="hi", max_tokens=2, extra_body={"steering": {"interventions": [
-            {"sae": "layer15", "feature": "french", "mode": "clamp", "multiple_of_max": 10}]}})
+            {"sae": "layer15", "feature": "non-english", "mode": "clamp", "multiple_of_max": 10}]}})
     assert "steering.interventions[0].multiple_of_max" in str(info.value) and "limit of 4" in str(info.value)
 
 
@@ -135,7 +135,7 @@ def test_saes_and_feature_cards(server) -> None:
     [sae] = saes["data"]
     assert status == 200 and (sae["name"], sae["d_sae"], sae["hook_layer"]) == ("layer15", 4608, 15)
     assert {w["label"] for w in sae["watchlist"]} >= {"wrongdoing", "military"}
-    status, card = _get(base + "/v1/features/layer15/french")
+    status, card = _get(base + "/v1/features/layer15/non-english")
     assert status == 200 and card["feature"] == 4563 and card["max_activation"] > 0
     for missing in ("nope", "%C2%B2", "99999"):  # a label, a non-ASCII digit (a label too), an index
         status, err = _get(base + f"/v1/features/layer15/{missing}")
@@ -215,16 +215,16 @@ def test_grpc_generate_equals_http(grpc_stub, client) -> None:
     c, model = client
     request = pb.GenerateRequest(
         prompt="My favourite food is", max_tokens=12, temperature=0,
-        steering=pb.Steering(interventions=[pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="french"),
+        steering=pb.Steering(interventions=[pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="non-english"),
                                                             mode=pb.CLAMP, multiple_of_max=1.0)]),
-        return_features=pb.FeatureReadout(sae="layer15", features=[pb.FeatureRef(label="french")]))
+        return_features=pb.FeatureReadout(sae="layer15", features=[pb.FeatureRef(label="non-english")]))
     messages = list(stub.Generate(request, timeout=120))
     http = c.completions.create(model=model, prompt="My favourite food is", max_tokens=12, temperature=0,
-                                extra_body={**FRENCH, "return_features": {"sae": "layer15", "features": ["french"]}})
+                                extra_body={**FRENCH, "return_features": {"sae": "layer15", "features": ["non-english"]}})
     assert "".join(m.text for m in messages) == http.choices[0].text
     final = messages[-1]
     assert final.finish_reason == "length" and len(messages) > 2  # streamed, then finished
-    assert [(a.feature, a.label, a.mode) for a in final.applied] == [(4563, "french", pb.CLAMP)]
+    assert [(a.feature, a.label, a.mode) for a in final.applied] == [(4563, "non-english", pb.CLAMP)]
     assert sum(bool(m.features) for m in messages) > 2  # each message carries its tokens' activations
     got = [t.features[0].activation for m in messages for t in m.features]
     want = [t["features"][0]["activation"] for t in http.model_extra["sae"]["features"]["tokens"]]
@@ -240,7 +240,7 @@ def test_grpc_list_get_health_reflection(grpc_stub) -> None:
     [sae] = stub.ListSaes(pb.ListSaesRequest()).saes
     assert (sae.name, sae.d_sae, sae.hook_layer) == ("layer15", 4608, 15) and 4263 in sae.watchlist
     card = stub.GetFeature(pb.GetFeatureRequest(sae="layer15", feature=pb.FeatureRef(index=4563)))
-    assert card.label == "french" and card.max_activation > 0
+    assert card.label == "non-english" and card.max_activation > 0
     with pytest.raises(grpc.RpcError) as info:
         stub.GetFeature(pb.GetFeatureRequest(sae="layer15", feature=pb.FeatureRef(label="nope")))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in info.value.details()
@@ -263,7 +263,7 @@ def test_grpc_list_get_health_reflection(grpc_stub) -> None:
      "INVALID_ARGUMENT", "steering.interventions[0].value"),
     (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="wrongdoing"), mode=pb.CLAMP,
                                 multiple_of_max=1), "PERMISSION_DENIED", "steering.interventions[0].feature"),
-    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="french"), mode=pb.CLAMP,
+    (lambda pb: pb.Intervention(sae="layer15", feature=pb.FeatureRef(label="non-english"), mode=pb.CLAMP,
                                 multiple_of_max=10), "INVALID_ARGUMENT", "steering.interventions[0].multiple_of_max"),
 ])
 def test_grpc_refusals_name_the_field(grpc_stub, build, code: str, field: str) -> None:

@@ -33,7 +33,7 @@ def test_shape_and_catalog(shipped) -> None:
     sae, catalog = shipped
     assert (sae.d_in, sae.d_sae, sae.hook_layer, sae.cfg.architecture) == (576, 4608, 15, "jumprelu")
     assert sum(info.max_activation is not None for info in catalog.features.values()) == 4608
-    for label in ("french", "python-return", "soviet", "wrongdoing"):
+    for label in ("non-english", "python-return", "soviet-russian", "wrongdoing"):
         catalog.resolve(label, "label")
     assert catalog.watchlist and all("safety" in catalog.info(f).tags for f in catalog.watchlist)
 
@@ -59,7 +59,7 @@ def test_clamping_french_makes_french_10x_likelier(shipped, hf_model) -> None:
     engine = HFEngine(model, tokenizer, registry_of({"layer15": sae}, {"layer15": catalog}))
     ids = sorted({tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in FRENCH_WORDS})
     spec = RequestSpec.model_validate({"steering": {"interventions": [
-        {"sae": "layer15", "feature": "french", "mode": "clamp", "multiple_of_max": 1.0}]}})
+        {"sae": "layer15", "feature": "non-english", "mode": "clamp", "multiple_of_max": 1.0}]}})
     steered = resolve(spec, engine.registry)
 
     def french_mass(requests) -> torch.Tensor:
@@ -78,11 +78,31 @@ def run_cli(*args: str) -> str:
 
 
 def test_features_show_and_search_cli() -> None:
-    shown = run_cli("features", "show", "french", "--examples", "2")
-    assert "feature 4563  'french'" in shown and "max activation" in shown and "[[" in shown
+    shown = run_cli("features", "show", "non-english", "--examples", "2")
+    assert "feature 4563  'non-english'" in shown and "max activation" in shown and "[[" in shown
+    assert "label check:    precision 1.00, recall 1.00 on 8 held-out texts" in shown
     found = run_cli("features", "search", "--positive", str(CONTRASTIVE_DIR / "code.txt"),
                     "--negative", str(CONTRASTIVE_DIR / "neutral.txt"), "--top", "3")
     assert "python-return" in found
     bad = subprocess.run([sys.executable, "-m", "sae_serve.cli", "features", "show", "no-such-label"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no feature is labelled 'no-such-label'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_every_shipped_label_holds_up_on_its_held_out_check(shipped, hf_model) -> None:
+    """The figures in features.json are those its label_checks.json gives now, and every label
+    separates its positives from its near misses (precision >= 0.75, recall >= 2/3)."""
+    from sae_serve.train.label_checks import CHECKS_FILE, read_checks, validated_catalog
+
+    sae, catalog = shipped
+    model, tokenizer = hf_model
+    checks = read_checks(DEFAULT_SAE_DIR / CHECKS_FILE)
+    labelled = {info.label for info in catalog.features.values() if info.label}
+    assert {c.label for c in checks} == labelled  # every shipped label is checked
+    recomputed = validated_catalog(catalog, sae, model, tokenizer, checks, DEFAULT_SAE_DIR / CHECKS_FILE)
+    for check in checks:
+        index = catalog.resolve(check.label, "label")
+        shipped_info, now = catalog.info(index), recomputed.info(index)
+        assert (shipped_info.precision, shipped_info.recall) == (now.precision, now.recall), check.label
+        assert now.precision >= 0.75 and now.recall >= 0.666, (check.label, now.precision, now.recall)
