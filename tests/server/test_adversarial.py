@@ -89,7 +89,8 @@ def test_a_clients_cache_salt_still_separates_tenants(server, client) -> None:
     """Steered alike, two tenants share no prefix blocks; one tenant's repeat does hit its own."""
     base = server.base
     c, model = client
-    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp", "value": 2.0}]}}
+    spec = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp",
+                                            "value": 2.0}]}}
     prompt = LONG_PROMPT.replace("harbour", "mountain")
 
     def hits_after(salt: str) -> float:

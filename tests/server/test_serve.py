@@ -220,7 +220,8 @@ def test_grpc_generate_equals_http(grpc_stub, client) -> None:
         return_features=pb.FeatureReadout(sae="layer15", features=[pb.FeatureRef(label="non-english")]))
     messages = list(stub.Generate(request, timeout=120))
     http = c.completions.create(model=model, prompt="My favourite food is", max_tokens=12, temperature=0,
-                                extra_body={**FRENCH, "return_features": {"sae": "layer15", "features": ["non-english"]}})
+                                extra_body={**FRENCH,
+                                            "return_features": {"sae": "layer15", "features": ["non-english"]}})
     assert "".join(m.text for m in messages) == http.choices[0].text
     final = messages[-1]
     assert final.finish_reason == "length" and len(messages) > 2  # streamed, then finished
