@@ -10,96 +10,41 @@ SAE are listed as harmless. Where a library's option is a reparametrisation (SAE
 
 from __future__ import annotations
 
-import json
 import re
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from sae_serve.errors import SaeFormatError
-from sae_serve.sae.model import SaeConfig
+from sae_serve.sae.converters_extra import (
+    DICTIONARY_LEARNING_WEIGHTS,
+    LLAMA_SCOPE_WEIGHTS,
+    from_dictionary_learning,
+    from_llama_scope,
+    from_state_dict_file,
+)
+from sae_serve.sae.reading import (
+    HOOK_NAME,
+    Converted,
+    field,
+    fold_decoder_norms,
+    layer_from_path,
+    make_config,
+    read_json,
+    read_safetensors,
+    refuse,
+    refuse_unknown,
+    require_layer,
+)
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_PARAMS = "params.npz"
-DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
-DICTIONARY_LEARNING_CFG = "config.json"
-
-Converted = tuple[SaeConfig, dict[str, torch.Tensor]]
-_HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre)$")
-
-
-# --- shared reading helpers --------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SaeFormatError(path, "file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SaeFormatError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SaeFormatError(path, "expected a JSON object")
-    return data
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise SaeFormatError(path, "file not found") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SaeFormatError(path, f"not a readable safetensors file ({exc})") from None
-
-
-def _field(cfg: dict[str, Any], name: str, kind: type, source: Path) -> Any:
-    value = cfg.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise SaeFormatError(source, f"field {name!r} must be a {kind.__name__}, got {value!r}")
-    return value
-
-
-def _make_config(source: Path, **fields: Any) -> SaeConfig:
-    try:
-        return SaeConfig(**fields)
-    except ValueError as exc:
-        raise SaeFormatError(source, str(exc)) from None
-
-
-def _layer_from_path(path: Path, pattern: str) -> int | None:
-    match = re.search(pattern, str(path))
-    return int(match.group(1)) if match else None
-
-
-def _require_layer(source: Path, hook_layer: int | None) -> int:
-    if hook_layer is None:
-        raise SaeFormatError(source, "hook_layer is not recorded here: pass hook_layer explicitly")
-    return hook_layer
-
-
-def _refuse_unknown(cfg: dict[str, Any], known: Iterable[str], source: Path) -> None:
-    unknown = sorted(set(cfg) - set(known))
-    if unknown:
-        raise SaeFormatError(source, f"field {unknown[0]!r} is not one this loader knows, so it cannot tell "
-                             "whether it changes the SAE's math: refused")
-
-
-def _refuse(source: Path, field: str, value: Any, why: str) -> SaeFormatError:
-    return SaeFormatError(source, f"field {field}={value!r} is not supported: {why}")
-
-
-def _fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Scale each feature's pre-activation by its decoder row's norm and unit-normalise the row:
-    the same encode and decode (SAELens folds ``rescale_acts_by_decoder_norm`` so on saving)."""
-    norms = tensors["W_dec"].norm(dim=1)
-    return {**tensors, "W_enc": tensors["W_enc"] * norms, "b_enc": tensors["b_enc"] * norms,
-            "W_dec": tensors["W_dec"] / norms[:, None]}
 
 
 # --- SAELens (our native format: cfg.json + sae_weights.safetensors) --------------------------
@@ -132,31 +77,31 @@ def _saelens_architecture(cfg: dict[str, Any], source: Path) -> str:
     """SAELens v6 ``architecture``, or before v6 ``architecture`` + ``activation_fn_str``."""
     activation = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
     if activation not in ("relu", "topk"):
-        raise _refuse(source, "activation_fn_str", activation, "only relu and topk activations are")
+        raise refuse(source, "activation_fn_str", activation, "only relu and topk activations are")
     name = cfg.get("architecture") or "standard"
     if name == "standard" and activation == "topk":
         name = "topk"
     if name in _SAELENS_REFUSED:
-        raise _refuse(source, "architecture", name, _SAELENS_REFUSED[name])
+        raise refuse(source, "architecture", name, _SAELENS_REFUSED[name])
     if name not in _SAELENS_ARCHITECTURES:
-        raise _refuse(source, "architecture", name, f"supported: {sorted(_SAELENS_ARCHITECTURES)}")
+        raise refuse(source, "architecture", name, f"supported: {sorted(_SAELENS_ARCHITECTURES)}")
     return name
 
 
 def _saelens_checks(cfg: dict[str, Any], metadata: dict[str, Any], source: Path) -> None:
     norm = cfg.get("normalize_activations")
     if norm in (True, "expected_average_only_in"):
-        raise _refuse(source, "normalize_activations", norm, "its scale factor is not in the file (SAELens keeps it "
+        raise refuse(source, "normalize_activations", norm, "its scale factor is not in the file (SAELens keeps it "
                       "as norm_scaling_factor in pretrained_saes.yaml): fold it in (W_enc *= s, W_dec /= s, "
                       "b_dec /= s) and set 'none'")
     if norm not in (None, False, "none"):
-        raise _refuse(source, "normalize_activations", norm, "per-token normalisation of the input is not")
+        raise refuse(source, "normalize_activations", norm, "per-token normalisation of the input is not")
     if cfg.get("reshape_activations") not in (None, "none"):
-        raise _refuse(source, "reshape_activations", cfg["reshape_activations"],
+        raise refuse(source, "reshape_activations", cfg["reshape_activations"],
                       "only residual-stream SAEs are (hook_z SAEs read attention heads)")
     for name in ("hook_head_index", "hook_point_head_index"):
         if cfg.get(name, metadata.get(name)) is not None:
-            raise _refuse(source, name, cfg.get(name, metadata.get(name)), "only whole residual-stream vectors are")
+            raise refuse(source, name, cfg.get(name, metadata.get(name)), "only whole residual-stream vectors are")
 
 
 def _saelens_tensors(cfg: dict[str, Any], arch: str, folder: Path) -> dict[str, torch.Tensor]:
@@ -167,9 +112,9 @@ def _saelens_tensors(cfg: dict[str, Any], arch: str, folder: Path) -> dict[str, 
     if arch in ("batchtopk", "matryoshka_batchtopk"):  # inference: the learned threshold (as SAELens exports)
         if "topk_threshold" not in tensors:
             raise SaeFormatError(path, f"a {arch} SAE needs its topk_threshold tensor")
-        tensors["threshold"] = tensors.pop("topk_threshold").reshape(()).expand(_field(cfg, "d_sae", int, path))
+        tensors["threshold"] = tensors.pop("topk_threshold").reshape(()).expand(field(cfg, "d_sae", int, path))
     if cfg.get("rescale_acts_by_decoder_norm") and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
-        tensors = _fold_decoder_norms(tensors)
+        tensors = fold_decoder_norms(tensors)
     scale = tensors.pop("finetuning_scaling_factor", tensors.pop("scaling_factor", None))
     if scale is not None and not (cfg.get("finetuning_scaling_factor") or torch.all(scale == 1)):
         raise SaeFormatError(path, "tensor scaling_factor is not all ones but finetuning_scaling_factor is off")
@@ -186,20 +131,20 @@ def from_saelens(folder: Path, hook_layer: int | None) -> Converted:
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     arch = _saelens_architecture(cfg, cfg_path)
     _saelens_checks(cfg, metadata, cfg_path)
-    _refuse_unknown(cfg, _SAELENS_FIELDS, cfg_path)
+    refuse_unknown(cfg, _SAELENS_FIELDS, cfg_path)
     point = str(cfg.get("hook_point", "resid_post"))  # ours ("resid_post"), or SAELens' old name of hook_name
     hook_name = cfg.get("hook_name") or (point if point.startswith("blocks.") else "") or metadata.get("hook_name")
-    match = _HOOK_NAME.match(hook_name or "")
+    match = HOOK_NAME.match(hook_name or "")
     if hook_name and not match:
-        raise _refuse(cfg_path, "hook_name", hook_name, "only residual-stream SAEs are "
+        raise refuse(cfg_path, "hook_name", hook_name, "only residual-stream SAEs are "
                       "(blocks.N.hook_resid_post or blocks.N.hook_resid_pre)")
     recorded = int(match.group(1)) if match else cfg.get("hook_layer", cfg.get("hook_point_layer",
                                                                                  metadata.get("hook_layer")))
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
-    config = _make_config(
-        cfg_path, architecture=_SAELENS_ARCHITECTURES[arch], d_in=_field(cfg, "d_in", int, cfg_path),
-        d_sae=_field(cfg, "d_sae", int, cfg_path),
-        hook_layer=_require_layer(cfg_path, hook_layer if hook_layer is not None else recorded),
+    config = make_config(
+        cfg_path, architecture=_SAELENS_ARCHITECTURES[arch], d_in=field(cfg, "d_in", int, cfg_path),
+        d_sae=field(cfg, "d_sae", int, cfg_path),
+        hook_layer=require_layer(cfg_path, hook_layer if hook_layer is not None else recorded),
         hook_point=match.group(2) if match else point,
         model_name=cfg.get("model_name") or metadata.get("model_name"),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
@@ -220,10 +165,10 @@ def from_sparsify(folder: Path, hook_layer: int | None) -> Converted:
                       ("transcode", "a transcoder predicts a module's output from its input"),
                       ("signed", "signed activations are not")):
         if cfg.get(flag):
-            raise _refuse(cfg_path, flag, cfg[flag], why)
+            raise refuse(cfg_path, flag, cfg[flag], why)
     if cfg.get("activation", "topk") != "topk":
-        raise _refuse(cfg_path, "activation", cfg["activation"], "only topk is (groupmax keeps one feature per group)")
-    _refuse_unknown(cfg, _SPARSIFY_FIELDS, cfg_path)
+        raise refuse(cfg_path, "activation", cfg["activation"], "only topk is (groupmax keeps one feature per group)")
+    refuse_unknown(cfg, _SPARSIFY_FIELDS, cfg_path)
     raw = read_safetensors(folder / SPARSIFY_WEIGHTS)
     extra = sorted(set(raw) - {"encoder.weight", "encoder.bias", "W_dec", "b_dec"})
     if extra:
@@ -237,13 +182,13 @@ def from_sparsify(folder: Path, hook_layer: int | None) -> Converted:
     if hook_layer is None and not _SPARSIFY_HOOK.search(folder.name):
         raise SaeFormatError(folder, f"hookpoint {folder.name!r} is not a decoder layer's output (the residual "
                              "stream): pass hook_layer only if it is one")
-    d_in = _field(cfg, "d_in", int, cfg_path)
-    config = _make_config(
+    d_in = field(cfg, "d_in", int, cfg_path)
+    config = make_config(
         cfg_path, architecture="topk", d_in=d_in,
-        d_sae=cfg.get("num_latents") or d_in * _field(cfg, "expansion_factor", int, cfg_path),
-        hook_layer=_require_layer(cfg_path, hook_layer if hook_layer is not None else
-                                  _layer_from_path(Path(folder.name), _SPARSIFY_HOOK.pattern)),
-        apply_b_dec_to_input=True, k=_field(cfg, "k", int, cfg_path))
+        d_sae=cfg.get("num_latents") or d_in * field(cfg, "expansion_factor", int, cfg_path),
+        hook_layer=require_layer(cfg_path, hook_layer if hook_layer is not None else
+                                  layer_from_path(Path(folder.name), _SPARSIFY_HOOK.pattern)),
+        apply_b_dec_to_input=True, k=field(cfg, "k", int, cfg_path))
     return config, tensors
 
 
@@ -260,82 +205,9 @@ def from_gemma_scope(npz_path: Path, hook_layer: int | None) -> Converted:
         raise SaeFormatError(npz_path, "missing a 2-D tensor W_enc")
     d_in, d_sae = tensors["W_enc"].shape
     # Gemma Scope paths look like layer_20/width_16k/average_l0_71/params.npz.
-    layer = hook_layer if hook_layer is not None else _layer_from_path(npz_path, r"layer_(\d+)")
-    config = _make_config(npz_path, architecture="jumprelu", d_in=d_in, d_sae=d_sae,
-                          hook_layer=_require_layer(npz_path, layer), apply_b_dec_to_input=False)
-    return config, tensors
-
-
-# --- saprmarks/dictionary_learning: trainer_N/ae.pt + config.json -------------------------------
-def _dl_linear(state: dict[str, torch.Tensor], b_dec: str) -> dict[str, torch.Tensor]:
-    """nn.Linear encoder/decoder (weights stored (out, in)) as our tensors."""
-    return {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"], "W_dec": state["decoder.weight"].T,
-            "b_dec": state[b_dec]}
-
-
-# dict_class -> (our architecture, subtracts b_dec before encoding, tensors from the state dict).
-_DICTIONARY_LEARNING: dict[str, tuple[str, bool, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]] = {
-    "AutoEncoder": ("relu", True, lambda s: _dl_linear(s, "bias")),
-    "AutoEncoderNew": ("relu", False, lambda s: _dl_linear(s, "decoder.bias")),
-    "AutoEncoderTopK": ("topk", True, lambda s: _dl_linear(s, "b_dec")),
-    # BatchTopK encodes with its learned scalar threshold by default: relu(pre) * (relu(pre) > t).
-    "BatchTopKSAE": ("jumprelu", True, lambda s: {**_dl_linear(s, "b_dec"), "threshold": s["threshold"]}),
-    # JumpReLU does not subtract b_dec; Matryoshka (all groups active) is BatchTopK's form.
-    "JumpReluAutoEncoder": ("jumprelu", False, lambda s: {n: s[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec",
-                                                                             "threshold")}),
-    "MatryoshkaBatchTopKSAE": ("jumprelu", True, lambda s: {n: s[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec",
-                                                                               "threshold")}),
-}
-_DL_IGNORED = {"AutoEncoderTopK": {"k", "threshold"}, "BatchTopKSAE": {"k"}, "MatryoshkaBatchTopKSAE": {"k",
-                                                                                                      "group_sizes"}}
-
-
-def _dl_hook(cfg_path: Path, trainer: dict[str, Any], buffer: dict[str, Any]) -> str:
-    """dictionary_learning hooks a layer module: its output is resid_post, its input resid_pre."""
-    name = str(trainer.get("submodule_name") or "")
-    if re.search(r"mlp|attn|attention|embed", name):
-        raise _refuse(cfg_path, "trainer.submodule_name", name, "only a decoder layer's residual stream is")
-    io = buffer.get("io", "out")
-    if io not in ("in", "out"):
-        raise _refuse(cfg_path, "buffer.io", io, "expected in or out")
-    return "resid_pre" if io == "in" else "resid_post"
-
-
-def from_dictionary_learning(folder: Path, hook_layer: int | None) -> Converted:
-    cfg_path, weights = folder / DICTIONARY_LEARNING_CFG, folder / DICTIONARY_LEARNING_WEIGHTS
-    cfg = read_json(cfg_path)
-    trainer = cfg.get("trainer") if isinstance(cfg.get("trainer"), dict) else {}
-    buffer = cfg.get("buffer") if isinstance(cfg.get("buffer"), dict) else {}
-    dict_class = trainer.get("dict_class")
-    if dict_class not in _DICTIONARY_LEARNING:
-        why = ("a gated SAE gates with one affine map and scales with another" if dict_class == "GatedAutoEncoder"
-               else f"supported: {sorted(_DICTIONARY_LEARNING)}")
-        raise _refuse(cfg_path, "trainer.dict_class", dict_class, why)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SaeFormatError(weights, "file not found") from None
-    except Exception as exc:  # torch.load raises many kinds for a corrupt or hostile file
-        raise SaeFormatError(weights, f"not a readable state dict ({type(exc).__name__}: {exc})") from None
-    arch, subtract_b_dec, convert = _DICTIONARY_LEARNING[dict_class]
-    try:
-        tensors = {n: t.contiguous() for n, t in convert(state).items()}
-    except KeyError as exc:
-        raise SaeFormatError(weights, f"missing tensor {exc} for a {dict_class}") from None
-    used = {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias", "bias", "b_dec", "W_enc", "b_enc",
-            "W_dec", "threshold"} | _DL_IGNORED.get(dict_class, set())
-    extra = sorted(set(state) - used)
-    if extra:
-        raise SaeFormatError(weights, f"tensor {extra[0]} is not part of a {dict_class}")
-    d_in, d_sae = tensors["W_enc"].shape
-    if arch == "jumprelu":
-        tensors["threshold"] = tensors["threshold"].reshape(-1).expand(d_sae).contiguous()
-    k = state.get("k", trainer.get("k"))
-    config = _make_config(
-        cfg_path, architecture=arch, d_in=d_in, d_sae=d_sae,
-        hook_layer=_require_layer(cfg_path, hook_layer if hook_layer is not None else trainer.get("layer")),
-        hook_point=_dl_hook(cfg_path, trainer, buffer), model_name=trainer.get("lm_name"),
-        apply_b_dec_to_input=subtract_b_dec, k=int(k) if arch == "topk" and k is not None else None)
+    layer = hook_layer if hook_layer is not None else layer_from_path(npz_path, r"layer_(\d+)")
+    config = make_config(npz_path, architecture="jumprelu", d_in=d_in, d_sae=d_sae,
+                          hook_layer=require_layer(npz_path, layer), apply_b_dec_to_input=False)
     return config, tensors
 
 
@@ -343,14 +215,18 @@ def detect(path: Path) -> tuple[Callable[[Path, int | None], Converted], Path]:
     """Pick the converter from the files present."""
     if path.is_file() and path.suffix == ".npz":
         return from_gemma_scope, path
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return from_state_dict_file, path
     if path.is_dir():
         for weights, converter, source in ((SAELENS_WEIGHTS, from_saelens, path),
                                            (SPARSIFY_WEIGHTS, from_sparsify, path),
                                            (DICTIONARY_LEARNING_WEIGHTS, from_dictionary_learning, path),
+                                           (LLAMA_SCOPE_WEIGHTS, from_llama_scope, path),
                                            (GEMMA_SCOPE_PARAMS, from_gemma_scope, path / GEMMA_SCOPE_PARAMS)):
             if (path / weights).exists():
                 return converter, source
         raise SaeFormatError(path, f"no SAE found: expected {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_WEIGHTS} "
-                             f"(sparsify), {DICTIONARY_LEARNING_WEIGHTS} (dictionary_learning) or "
-                             f"{GEMMA_SCOPE_PARAMS} (Gemma Scope)")
-    raise SaeFormatError(path, "no such SAE folder or .npz file")
+                             f"(sparsify), {DICTIONARY_LEARNING_WEIGHTS} (dictionary_learning), "
+                             f"{LLAMA_SCOPE_WEIGHTS} (Llama Scope) or {GEMMA_SCOPE_PARAMS} (Gemma Scope), or pass a "
+                             ".npz (Gemma Scope) or .pt/.pth file (Goodfire)")
+    raise SaeFormatError(path, "no such SAE folder or .npz/.pt file")

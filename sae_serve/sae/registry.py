@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from sae_serve.errors import SaeFormatError, SaeMismatchError
-from sae_serve.sae.converters import read_safetensors
 from sae_serve.sae.features import FeatureCatalog
 from sae_serve.sae.formats import load_sae
 from sae_serve.sae.model import SparseAutoencoder
+from sae_serve.sae.reading import read_safetensors
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 

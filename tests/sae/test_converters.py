@@ -232,3 +232,78 @@ def test_our_own_files_still_round_trip_with_the_field_check(tmp_path: Path) -> 
     for arch in ("relu", "jumprelu", "topk"):
         sae = make_sae(arch)
         assert load_sae(save_sae(sae, tmp_path / arch)).cfg == sae.cfg
+
+
+# --- Llama Scope (lm_saes) ----------------------------------------------------------------------
+def _write_llama_scope(folder: Path, t: dict[str, torch.Tensor], **cfg) -> Path:
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    save_file({"encoder.weight": t["W_enc"].T.float().contiguous(), "encoder.bias": t["b_enc"].float(),
+               "decoder.weight": t["W_dec"].T.float().contiguous(), "decoder.bias": t["b_dec"].float()},
+              str(folder / "checkpoints" / "final.safetensors"))
+    (folder / "hyperparams.json").write_text(json.dumps({
+        "hook_point_in": "blocks.5.hook_resid_post", "hook_point_out": "blocks.5.hook_resid_post", "d_model": D,
+        "expansion_factor": F // D, "use_decoder_bias": True, "use_glu_encoder": False, "act_fn": "jumprelu",
+        "jump_relu_threshold": 0.5, "apply_decoder_bias_to_pre_encoder": False, "norm_activation": "dataset-wise",
+        "sparsity_include_decoder_norm": True, "top_k": 4, "dataset_average_activation_norm": {"in": 9.0, "out": 9.0},
+        "l1_coefficient": 8e-5, "lp": 1, **cfg}))
+    return folder
+
+
+def _lm_saes(t: dict[str, torch.Tensor], x: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """lm_saes' own encode and decode, in float64: (activations as it reports them, reconstruction)."""
+    s_in, s_out = (D ** 0.5 / cfg["in"], D ** 0.5 / cfg["out"])
+    xn = x * s_in - (t["b_dec"] if cfg["subtract"] else 0)
+    norms = t["W_dec"].norm(dim=1)
+    hidden = (xn @ t["W_enc"] + t["b_enc"]) * norms
+    acts = (hidden * (hidden > 0.5) if cfg["act"] == "jumprelu" else _topk(torch.relu(hidden), 4)) / norms
+    return acts, (acts @ t["W_dec"] + t["b_dec"]) / s_out
+
+
+@pytest.mark.parametrize("cfg", [{"act": "jumprelu", "in": 9.0, "out": 9.0, "subtract": False},
+                                 {"act": "topk", "in": 7.0, "out": 7.0, "subtract": True},
+                                 {"act": "jumprelu", "in": 9.0, "out": 5.0, "subtract": False}])
+def test_llama_scope_folds_its_dataset_norms_and_decoder_norms_exactly(tmp_path: Path, cfg: dict) -> None:
+    t, x = _random(6), _x() * 3
+    sae = load_sae(_write_llama_scope(tmp_path, t, act_fn=cfg["act"], apply_decoder_bias_to_pre_encoder=cfg["subtract"],
+                                      dataset_average_activation_norm={"in": cfg["in"], "out": cfg["out"]}))
+    assert (sae.cfg.architecture, sae.hook_layer, sae.hook_point) == (cfg["act"], 5, "resid_post")
+    acts, recon = _lm_saes(t, x, cfg)
+    # Our activations are lm_saes' times each decoder norm (the scale its sparsity rule uses), as SAELens'.
+    _check(sae, acts * t["W_dec"].norm(dim=1), recon, x)
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    ({"norm_activation": "token-wise"}, "norm_activation='token-wise' is not supported"),
+    ({"apply_decoder_bias_to_pre_encoder": True, "dataset_average_activation_norm": {"in": 9.0, "out": 4.0}},
+     "apply_decoder_bias_to_pre_encoder=True is not supported"),
+    ({"hook_point_out": "blocks.5.hook_mlp_out"}, "hook_point_out='blocks.5.hook_mlp_out'"),
+    ({"hook_point_in": "blocks.5.hook_attn_out", "hook_point_out": "blocks.5.hook_attn_out"},
+     "hook_point_in='blocks.5.hook_attn_out'"),
+    ({"use_glu_encoder": True}, "use_glu_encoder=True"),
+    ({"jump_relu_threshold": -0.1}, "jump_relu_threshold=-0.1"),
+    ({"mystery": 1}, "field 'mystery' is not one this loader knows"),
+])
+def test_llama_scope_options_we_cannot_fold_are_refused_by_name(tmp_path: Path, cfg: dict, message: str) -> None:
+    with pytest.raises(SaeFormatError, match=message):
+        load_sae(_write_llama_scope(tmp_path, _random(), **cfg))
+
+
+# --- single-file state dicts --------------------------------------------------------------------
+def test_goodfire_state_dicts_and_openai_refusals(tmp_path: Path) -> None:
+    t, x = _random(7), _x()
+    path = tmp_path / "Llama-3.1-8B-Instruct-SAE-l19.pth"
+    torch.save({"encoder_linear.weight": t["W_enc"].T.float().contiguous(), "encoder_linear.bias": t["b_enc"].float(),
+                "decoder_linear.weight": t["W_dec"].T.float().contiguous(), "decoder_linear.bias": t["b_dec"].float()},
+               path)
+    sae = load_sae(path)
+    assert (sae.hook_layer, sae.cfg.apply_b_dec_to_input) == (19, False)
+    acts = torch.relu(x @ t["W_enc"] + t["b_enc"])  # Goodfire: relu(encoder_linear(x)), decoder_linear(f)
+    _check(sae, acts, acts @ t["W_dec"] + t["b_dec"], x)
+    openai = tmp_path / "5.pt"
+    torch.save({"pre_bias": torch.zeros(D), "encoder.weight": torch.zeros(F, D), "latent_bias": torch.zeros(F),
+                "decoder.weight": torch.zeros(D, F), "activation": "TopK", "activation_state_dict": {"k": 4}}, openai)
+    with pytest.raises(SaeFormatError, match="layer-normalise each token's input"):
+        load_sae(openai)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(SaeFormatError, match="not a known SAE layout"):
+        load_sae(tmp_path / "other.pt")
