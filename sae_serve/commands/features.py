@@ -31,9 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     labels = sub.add_parser("import-labels", help="take descriptions and labels from a Neuronpedia export")
     labels.add_argument("file", type=Path, help="explanations: JSON lines (batch-N.jsonl.gz) or a JSON array")
     labels.add_argument("--neuronpedia-id", default=None,
-                        help="MODEL/SAE as Neuronpedia and SAELens name it (default: the export's only one)")
+                        help="MODEL/SAE as Neuronpedia and SAELens name it (default: the SAE's cfg.json "
+                             "neuronpedia_id, else the export's only one)")
     labels.add_argument("--overwrite", action="store_true", help="replace labels the catalog already has")
     add_sae_argument(labels)
+
+
+def saelens_neuronpedia_id(folder: Path) -> str | None:
+    """The ``neuronpedia_id`` SAELens records in cfg.json (under metadata since v6), if any."""
+    path = folder / "cfg.json"
+    if not path.exists():
+        return None
+    cfg = json.loads(path.read_text())
+    return cfg.get("neuronpedia_id") or (cfg.get("metadata") or {}).get("neuronpedia_id")
 
 
 def _examples(folder: Path) -> dict:
@@ -84,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "import-labels":
         from sae_serve.sae.labels import import_labels, read_explanations
 
-        catalog, count = import_labels(catalog, read_explanations(args.file), args.file, args.neuronpedia_id,
-                                       args.overwrite)
+        source = args.neuronpedia_id or saelens_neuronpedia_id(folder if folder.is_dir() else folder.parent)
+        catalog, count = import_labels(catalog, read_explanations(args.file), args.file, source, args.overwrite)
         path = catalog.save(folder if folder.is_dir() else folder.parent)
         print(f"{count} features described from {args.file}; wrote {path}")
         return 0

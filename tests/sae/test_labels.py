@@ -54,3 +54,15 @@ def test_the_cli_imports_jsonl_gz_and_arrays_then_steers_by_label(tmp_path: Path
     (tmp_path / "bad.json").write_text("{oops")
     assert main(["features", "import-labels", str(tmp_path / "bad.json"), "--sae", str(tmp_path / "sae")]) == 2
     assert "bad.json: not JSON or JSON lines" in capsys.readouterr().err
+
+
+def test_the_saes_own_neuronpedia_id_picks_its_rows(tmp_path: Path, capsys) -> None:
+    """SAELens records the id in cfg.json (metadata.neuronpedia_id since v6)."""
+    save_sae(make_sae("relu", 16, 64), tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    cfg["metadata"]["neuronpedia_id"] = "gpt2-small/7-res-jb"
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "all.json").write_text(json.dumps([_row(3, "Wrong SAE"), _row(4, "Right SAE", "7-res-jb")]))
+    assert main(["features", "import-labels", str(tmp_path / "all.json"), "--sae", str(tmp_path / "sae")]) == 0
+    catalog = FeatureCatalog.load(tmp_path / "sae", 64)
+    assert catalog.resolve("right-sae", "f") == 4 and 3 not in catalog.features
