@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     sae = load_sae(folder)
     model, tokenizer = load_model(args)
     contexts = corpus_contexts(args, tokenizer, "train")
-    stats = feature_stats(sae, context_chunks(model, contexts, sae.hook_layer))
+    stats = feature_stats(sae, context_chunks(model, contexts, sae.site_layer))
     catalog = calibrated_catalog(FeatureCatalog.load(folder, sae.d_sae), stats)
     print(catalog.save(folder))
     promoted = promoted_tokens(sae, model.lm_head.weight, tokenizer)
     # A second pass: the activation intervals are fractions of the max the first pass found.
-    values, rows = quantile_samples(sae, context_chunks(model, contexts, sae.hook_layer), stats.max_activation)
+    values, rows = quantile_samples(sae, context_chunks(model, contexts, sae.site_layer), stats.max_activation)
     print(write_examples(folder, examples(stats, contexts, tokenizer), promoted,
                          quantile_examples(values, rows, contexts, tokenizer)))
     return 0

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if sae.d_in != model.config.hidden_size:
         raise SaeMismatchError(f"{folder}: d_in={sae.d_in} but the model's hidden size is {model.config.hidden_size}")
     contexts = corpus_contexts(args, tokenizer, "heldout")
-    recon = reconstruction_metrics(sae, torch.cat(list(context_chunks(model, contexts, sae.hook_layer))))
+    recon = reconstruction_metrics(sae, torch.cat(list(context_chunks(model, contexts, sae.site_layer))))
     splice = splice_metrics(model, sae, contexts)
     rows = {**asdict(recon), **asdict(splice)}
     width = max(len(k) for k in rows)

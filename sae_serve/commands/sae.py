@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
           f"{sae.hook_point} of layer {sae.hook_layer}, trained on {sae.cfg.model_name or 'an unrecorded model'}")
     if sae.d_in != hidden:
         raise SaeMismatchError(f"{args.path}: d_in={sae.d_in} but the model's hidden size is {hidden}")
-    site = sae.hook_layer - (sae.hook_point == "resid_pre")  # resid_pre of L is the output of L-1
+    site = sae.site_layer
     if not 0 <= site < layers:
         raise SaeMismatchError(f"{args.path}: {sae.hook_point} of layer {sae.hook_layer} is not a decoder layer's "
                                f"output of this model (layers 0..{layers - 1})")

@@ -68,12 +68,9 @@ def bind_site(runtime: SteeringRuntime, loaded: LoadedSae) -> int:
 
 def _site_layer(loaded: LoadedSae) -> int:
     """The decoder layer whose output is the SAE's site (resid_pre of L is resid_post of L-1)."""
-    sae = loaded.sae
-    if sae.hook_point == "resid_post":
-        return sae.hook_layer
-    if sae.hook_layer == 0:
+    if loaded.sae.site_layer < 0:
         raise SaeServeError(f"SAE {loaded.name!r}: resid_pre of layer 0 (the embeddings) is not supported")
-    return sae.hook_layer - 1
+    return loaded.sae.site_layer
 
 
 def runner_config(runner: Any) -> SaeServeConfig | None:

@@ -30,6 +30,7 @@ from sae_serve.sae.converters_extra import (
 from sae_serve.sae.reading import (
     HOOK_NAME,
     Converted,
+    as_float32,
     field,
     fold_decoder_norms,
     layer_from_path,
@@ -45,6 +46,7 @@ SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_PARAMS = "params.npz"
+GEMMA_SCOPE_NOT_RESIDUAL = re.compile(r"gemma-scope.*-(mlp|att|transcoders?)\b", re.I)
 
 
 # --- SAELens (our native format: cfg.json + sae_weights.safetensors) --------------------------
@@ -112,10 +114,18 @@ def _saelens_tensors(cfg: dict[str, Any], arch: str, folder: Path) -> dict[str, 
     if arch in ("batchtopk", "matryoshka_batchtopk"):  # inference: the learned threshold (as SAELens exports)
         if "topk_threshold" not in tensors:
             raise SaeFormatError(path, f"a {arch} SAE needs its topk_threshold tensor")
-        tensors["threshold"] = tensors.pop("topk_threshold").reshape(()).expand(field(cfg, "d_sae", int, path))
+        threshold = tensors.pop("topk_threshold")
+        if threshold.numel() != 1:
+            raise SaeFormatError(path, f"tensor topk_threshold must be a scalar, has shape {tuple(threshold.shape)}")
+        tensors["threshold"] = threshold.reshape(1).expand(tensors["b_enc"].shape[0]).contiguous()
     if cfg.get("rescale_acts_by_decoder_norm") and arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         tensors = fold_decoder_norms(tensors)
-    scale = tensors.pop("finetuning_scaling_factor", tensors.pop("scaling_factor", None))
+    scales = [tensors.pop(name) for name in ("finetuning_scaling_factor", "scaling_factor") if name in tensors]
+    if len(scales) > 1:
+        raise SaeFormatError(path, "tensors finetuning_scaling_factor and scaling_factor are both present")
+    scale = scales[0] if scales else None
+    if scale is not None and scale.shape != tensors["b_enc"].shape:
+        raise SaeFormatError(path, f"tensor scaling_factor has shape {tuple(scale.shape)}, expected one per feature")
     if scale is not None and not (cfg.get("finetuning_scaling_factor") or torch.all(scale == 1)):
         raise SaeFormatError(path, "tensor scaling_factor is not all ones but finetuning_scaling_factor is off")
     if scale is not None:  # decode is (a * scale) W_dec: fold it into the decoder rows
@@ -196,7 +206,7 @@ def from_sparsify(folder: Path, hook_layer: int | None) -> Converted:
 def from_gemma_scope(npz_path: Path, hook_layer: int | None) -> Converted:
     try:
         with np.load(npz_path) as params:
-            tensors = {name: torch.from_numpy(np.asarray(params[name])) for name in params.files}
+            tensors = as_float32({name: torch.from_numpy(np.asarray(params[name])) for name in params.files})
     except FileNotFoundError:
         raise SaeFormatError(npz_path, "file not found") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -204,8 +214,14 @@ def from_gemma_scope(npz_path: Path, hook_layer: int | None) -> Converted:
     if "W_enc" not in tensors or tensors["W_enc"].ndim != 2:
         raise SaeFormatError(npz_path, "missing a 2-D tensor W_enc")
     d_in, d_sae = tensors["W_enc"].shape
-    # Gemma Scope paths look like layer_20/width_16k/average_l0_71/params.npz.
-    layer = hook_layer if hook_layer is not None else layer_from_path(npz_path, r"layer_(\d+)")
+    # Releases name their site (gemma-scope-2b-pt-res, -mlp, -att, -transcoders): the files look alike.
+    site = next((p for p in npz_path.parts if GEMMA_SCOPE_NOT_RESIDUAL.search(p)), None)
+    if site is not None:
+        raise SaeFormatError(npz_path, f"{site!r} names an MLP, attention or transcoder release: only "
+                             "residual-stream SAEs (-res) are supported")
+    # Gemma Scope paths look like layer_20/width_16k/average_l0_71/params.npz: the nearest layer_N.
+    layers = [int(p[6:]) for p in npz_path.parts if re.fullmatch(r"layer_\d+", p)]
+    layer = hook_layer if hook_layer is not None else (layers[-1] if layers else None)
     config = make_config(npz_path, architecture="jumprelu", d_in=d_in, d_sae=d_sae,
                           hook_layer=require_layer(npz_path, layer), apply_b_dec_to_input=False)
     return config, tensors

@@ -54,14 +54,19 @@ _DICTIONARY_LEARNING: dict[str, tuple[str, bool, Callable[[dict[str, torch.Tenso
     "MatryoshkaBatchTopKSAE": ("jumprelu", True, lambda s: {n: s[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec",
                                                                                "threshold")}),
 }
-_DL_IGNORED = {"AutoEncoderTopK": {"k", "threshold"}, "BatchTopKSAE": {"k"}, "MatryoshkaBatchTopKSAE": {"k",
-                                                                                                      "group_sizes"}}
+_DL_LINEAR = {"encoder.weight", "encoder.bias", "decoder.weight"}
+_DL_KEYS = {  # every key each class's state dict holds (the ones not read above only trained it)
+    "AutoEncoder": _DL_LINEAR | {"bias"}, "AutoEncoderNew": _DL_LINEAR | {"decoder.bias"},
+    "AutoEncoderTopK": _DL_LINEAR | {"b_dec", "k", "threshold"},
+    "BatchTopKSAE": _DL_LINEAR | {"b_dec", "k", "threshold"},
+    "JumpReluAutoEncoder": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"},
+    "MatryoshkaBatchTopKSAE": {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "k", "group_sizes"}}
 
 
 def _dl_hook(cfg_path: Path, trainer: dict[str, Any], buffer: dict[str, Any]) -> str:
     """dictionary_learning hooks a layer module: its output is resid_post, its input resid_pre."""
     name = str(trainer.get("submodule_name") or "")
-    if re.search(r"mlp|attn|attention|embed", name):
+    if re.search(r"mlp|attn|attention|embed|ffn|feed.?forward", name, re.I):
         raise refuse(cfg_path, "trainer.submodule_name", name, "only a decoder layer's residual stream is")
     io = buffer.get("io", "out")
     if io not in ("in", "out"):
@@ -85,9 +90,7 @@ def from_dictionary_learning(folder: Path, hook_layer: int | None) -> Converted:
         tensors = {n: t.contiguous() for n, t in convert(state).items()}
     except KeyError as exc:
         raise SaeFormatError(weights, f"missing tensor {exc} for a {dict_class}") from None
-    used = {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias", "bias", "b_dec", "W_enc", "b_enc",
-            "W_dec", "threshold"} | _DL_IGNORED.get(dict_class, set())
-    extra = sorted(set(state) - used)
+    extra = sorted(set(state) - _DL_KEYS[dict_class])
     if extra:
         raise SaeFormatError(weights, f"tensor {extra[0]} is not part of a {dict_class}")
     d_in, d_sae = tensors["W_enc"].shape
@@ -122,6 +125,8 @@ def _llama_scope_scales(cfg: dict[str, Any], source: Path) -> tuple[float, float
     norms = cfg.get("dataset_average_activation_norm")
     if not isinstance(norms, dict) or not all(isinstance(norms.get(k), int | float) for k in ("in", "out")):
         raise SaeFormatError(source, "field dataset_average_activation_norm must hold numbers 'in' and 'out'")
+    if norms["in"] <= 0 or norms["out"] <= 0:
+        raise refuse(source, "dataset_average_activation_norm", norms, "norms must be positive")
     root = float(field(cfg, "d_model", int, source)) ** 0.5
     return root / norms["in"], root / norms["out"]
 
@@ -151,6 +156,11 @@ def from_llama_scope(folder: Path, hook_layer: int | None) -> Converted:
         raise refuse(cfg_path, "apply_decoder_bias_to_pre_encoder", True, "with different in and out norms the "
                       "bias subtracted in normalised units has no raw-unit equivalent")
     raw = read_safetensors(folder / LLAMA_SCOPE_WEIGHTS)
+    expected = {"encoder.weight", "encoder.bias", "decoder.weight"} | ({"decoder.bias"} if bias else set())
+    if set(raw) != expected:
+        odd = sorted(set(raw) ^ expected)[0]
+        raise SaeFormatError(folder / LLAMA_SCOPE_WEIGHTS, f"tensor {odd} is {'missing' if odd in expected else 'not'}"
+                             f"{'' if odd in expected else ' part of this SAE (use_decoder_bias, use_glu_encoder?)'}")
     try:
         d_sae = raw["encoder.weight"].shape[0]
         tensors = {"W_enc": raw["encoder.weight"].T * s_in, "b_enc": raw["encoder.bias"],
@@ -158,11 +168,16 @@ def from_llama_scope(folder: Path, hook_layer: int | None) -> Converted:
                    torch.zeros(raw["decoder.weight"].shape[0])}
     except KeyError as exc:
         raise SaeFormatError(folder / LLAMA_SCOPE_WEIGHTS, f"missing tensor {exc}") from None
-    if cfg.get("sparsity_include_decoder_norm", True):  # activate pre * |W_dec_i|, decode acts / |W_dec_i|
+    # sparsity_include_decoder_norm: lm_saes activates pre * |W_dec_i| and divides the activations back.
+    # For jumprelu that is pre gated at threshold / |W_dec_i| (its own activation values, exactly); relu
+    # is unchanged by it; topk selects on the scaled values, so its norms are folded in (activations
+    # then in units of |W_dec_i|, as SAELens reports rescaled TopK SAEs).
+    norms = tensors["W_dec"].norm(dim=1) if cfg.get("sparsity_include_decoder_norm", True) else torch.ones(d_sae)
+    if act == "topk":
         tensors = fold_decoder_norms(tensors)
-    tensors["W_dec"], tensors["b_dec"] = tensors["W_dec"] / s_out, tensors["b_dec"] / s_out  # back to raw units
     if act == "jumprelu":
-        tensors["threshold"] = torch.full((d_sae,), float(cfg.get("jump_relu_threshold", 0.0)))
+        tensors["threshold"] = float(cfg.get("jump_relu_threshold", 0.0)) / norms
+    tensors["W_dec"], tensors["b_dec"] = tensors["W_dec"] / s_out, tensors["b_dec"] / s_out  # back to raw units
     config = make_config(
         cfg_path, architecture=act, d_in=field(cfg, "d_model", int, cfg_path), d_sae=d_sae,
         hook_layer=hook_layer if hook_layer is not None else int(match.group(1)), hook_point=match.group(2),

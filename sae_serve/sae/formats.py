@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sae_serve.errors import SaeFormatError
 from sae_serve.sae.converters import SAELENS_CFG, SAELENS_WEIGHTS, detect
 from sae_serve.sae.model import SaeConfig, SparseAutoencoder, build_sae
 
@@ -33,7 +34,11 @@ def load_sae(
     ``hook_layer`` overrides (or supplies, for formats that lack it) the layer the SAE reads.
     """
     converter, source = detect(Path(path))
-    config, tensors = converter(source, hook_layer)
+    try:
+        config, tensors = converter(source, hook_layer)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError, ZeroDivisionError) as exc:
+        # A field or tensor of the wrong kind that no check named: still an error naming the file.
+        raise SaeFormatError(source, f"unexpected content ({type(exc).__name__}: {exc})") from None
     sae = build_sae(config, {k: v.to(torch.float32) for k, v in tensors.items()}, str(source))
     return sae.to(device=device, dtype=dtype)
 

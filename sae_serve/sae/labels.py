@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def read_explanations(path: Path) -> list[dict[str, Any]]:
         text = raw.decode()
     except FileNotFoundError:
         raise SaeFormatError(path, "file not found") from None
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise SaeFormatError(path, f"not a readable export ({exc})") from None
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [
@@ -64,11 +65,10 @@ def import_labels(catalog: FeatureCatalog, rows: list[dict[str, Any]], source: P
     for n, row in enumerate(rows):
         if f"{row.get('modelId')}/{row.get('layer')}" != wanted or not isinstance(row.get("description"), str):
             continue
-        try:
-            index = int(row["index"])
-        except (KeyError, TypeError, ValueError):
-            raise SaeFormatError(source, f"row {n}: field index must be a feature index, got {row.get('index')!r}"
-                                 ) from None
+        index = row.get("index")
+        if not re.fullmatch(r"[0-9]+", str(index)) or isinstance(index, bool | float):
+            raise SaeFormatError(source, f"row {n}: field index must be a feature index, got {index!r}")
+        index = int(index)
         if not 0 <= index < catalog.d_sae:
             raise SaeFormatError(source, f"row {n}: index {index} is outside 0..{catalog.d_sae - 1} "
                                  f"(is {wanted!r} this SAE?)")
@@ -80,9 +80,11 @@ def import_labels(catalog: FeatureCatalog, rows: list[dict[str, Any]], source: P
         info = features.get(index, FeatureInfo())
         update: dict[str, Any] = {"description": description}
         if overwrite or info.label is None:
-            label = label_from(description)
-            if label and taken.get(label, index) != index:
-                label = f"{label}-{index}"
+            label = base = label_from(description)
+            suffix = 0
+            while label and taken.get(label, index) != index:  # unique: -index, then -index-2, ...
+                suffix += 1
+                label = f"{base}-{index}" + (f"-{suffix}" if suffix > 1 else "")
             if label:
                 taken.pop(info.label or "", None)
                 taken[label] = index

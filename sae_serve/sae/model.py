@@ -117,6 +117,12 @@ class SparseAutoencoder(nn.Module):
         return self.cfg.hook_point
 
     @property
+    def site_layer(self) -> int:
+        """The decoder layer whose output the SAE reads: resid_pre of L is the output of L-1
+        (-1 for resid_pre of layer 0: the embeddings, which no decoder layer outputs)."""
+        return self.hook_layer - (self.hook_point == "resid_pre")
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.W_enc.dtype
 

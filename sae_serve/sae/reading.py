@@ -30,9 +30,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def as_float32(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Floating tensors in float32 before any folding arithmetic (bf16 folds drift and can flip a
+    near-tied top-k choice); other values as they are."""
+    return {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for n, t in tensors.items()}
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        return as_float32(load_file(str(path)))
     except FileNotFoundError:
         raise SaeFormatError(path, "file not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
@@ -92,6 +98,6 @@ def torch_state(path: Path) -> dict[str, Any]:
         raise SaeFormatError(path, f"not a readable state dict ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise SaeFormatError(path, "expected a state dict")
-    return state
+    return as_float32(state)
 
 

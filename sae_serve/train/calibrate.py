@@ -140,7 +140,7 @@ def contrastive_scores(sae: SparseAutoencoder, model: nn.Module, tokenizer: obje
         count = 0
         for text in texts:
             ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-            a = sae.encode(layer_activations(model, ids, sae.hook_layer)[0, 1:])
+            a = sae.encode(layer_activations(model, ids, sae.site_layer)[0, 1:])
             total += a.double().sum(0)
             peak = torch.maximum(peak, a.max(0).values)
             count += len(a)

@@ -123,7 +123,7 @@ def splice_metrics(model: nn.Module, sae: SparseAutoencoder, contexts: np.ndarra
         targets = ids[:, 2:].reshape(-1)  # predictions made at positions >= 1
         logprobs = {}
         for name, fn in splices.items():
-            with _replaced(model, sae.hook_layer, fn):
+            with _replaced(model, sae.site_layer, fn):
                 logits = model(input_ids=ids).logits[:, 1:-1].float()
             logprobs[name] = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
             sums[name] += float(F.nll_loss(logprobs[name], targets, reduction="sum"))

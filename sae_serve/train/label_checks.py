@@ -46,21 +46,30 @@ class LabelScore:
 def read_checks(path: Path) -> list[LabelCheck]:
     try:
         labels = json.loads(path.read_text())["labels"]
-        return [LabelCheck(name, tuple(c["positive"]), tuple(c["negative"])) for name, c in labels.items()]
+        checks = [LabelCheck(name, tuple(c["positive"]), tuple(c["negative"])) for name, c in labels.items()]
     except FileNotFoundError:
         raise SaeFormatError(path, "file not found") from None
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise SaeFormatError(path, f"expected {{\"labels\": {{LABEL: {{\"positive\": [...], \"negative\": [...]}}}}}} "
                              f"({type(exc).__name__}: {exc})") from None
+    for check in checks:
+        for kind in ("positive", "negative"):
+            texts = getattr(check, kind)
+            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise SaeFormatError(path, f"labels.{check.label}.{kind}: expected a non-empty list of texts")
+    return checks
 
 
 @torch.no_grad()
 def peak_activation(sae: SparseAutoencoder, model: nn.Module, tokenizer: object, text: str, feature: int) -> float:
     """The feature's largest activation over the text's tokens (the first, an attention sink, skipped)."""
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    site = sae.hook_layer - (sae.hook_point == "resid_pre")
-    acts = layer_activations(model, ids, site)[0, 1:]
-    return float(sae.encode_subset(acts, torch.tensor([feature])).max()) if len(acts) else 0.0
+    acts = layer_activations(model, ids, sae.site_layer)[0, 1:]
+    if not len(acts):
+        return 0.0
+    column = sae.encode(acts)[:, feature] if sae.cfg.architecture == "topk" else sae.encode_subset(
+        acts, torch.tensor([feature]))  # (a TopK feature depends on every other)
+    return float(column.max())
 
 
 def score_label(sae: SparseAutoencoder, model: nn.Module, tokenizer: object, feature: int, threshold: float,

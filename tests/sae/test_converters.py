@@ -262,14 +262,15 @@ def _lm_saes(t: dict[str, torch.Tensor], x: torch.Tensor, cfg: dict) -> tuple[to
 @pytest.mark.parametrize("cfg", [{"act": "jumprelu", "in": 9.0, "out": 9.0, "subtract": False},
                                  {"act": "topk", "in": 7.0, "out": 7.0, "subtract": True},
                                  {"act": "jumprelu", "in": 9.0, "out": 5.0, "subtract": False}])
-def test_llama_scope_folds_its_dataset_norms_and_decoder_norms_exactly(tmp_path: Path, cfg: dict) -> None:
+def test_llama_scope_takes_its_dataset_norms_and_decoder_norms_exactly(tmp_path: Path, cfg: dict) -> None:
     t, x = _random(6), _x() * 3
     sae = load_sae(_write_llama_scope(tmp_path, t, act_fn=cfg["act"], apply_decoder_bias_to_pre_encoder=cfg["subtract"],
                                       dataset_average_activation_norm={"in": cfg["in"], "out": cfg["out"]}))
     assert (sae.cfg.architecture, sae.hook_layer, sae.hook_point) == (cfg["act"], 5, "resid_post")
     acts, recon = _lm_saes(t, x, cfg)
-    # Our activations are lm_saes' times each decoder norm (the scale its sparsity rule uses), as SAELens'.
-    _check(sae, acts * t["W_dec"].norm(dim=1), recon, x)
+    # JumpReLU activations are lm_saes' own; TopK ones are in units of each decoder norm (the scale
+    # its selection uses), as SAELens reports rescaled TopK SAEs.
+    _check(sae, acts * t["W_dec"].norm(dim=1) if cfg["act"] == "topk" else acts, recon, x)
 
 
 @pytest.mark.parametrize(("cfg", "message"), [
@@ -307,3 +308,53 @@ def test_goodfire_state_dicts_and_openai_refusals(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(SaeFormatError, match="not a known SAE layout"):
         load_sae(tmp_path / "other.pt")
+
+
+# --- review findings: each once a silent mistake or an unnamed crash ----------------------------
+def test_gemma_scope_releases_of_other_sites_are_refused_and_the_nearest_layer_counts(tmp_path: Path) -> None:
+    import numpy as np
+
+    t = {n: v.float().numpy() for n, v in _random().items()} | {"threshold": np.full(F, 0.1, dtype=np.float32)}
+    for release in ("gemma-scope-2b-pt-mlp", "gemma-scope-2b-pt-att", "gemma-scope-2b-pt-transcoders"):
+        folder = tmp_path / release / "layer_3" / "width_16k" / "average_l0_50"
+        folder.mkdir(parents=True)
+        np.savez(folder / "params.npz", **t)
+        with pytest.raises(SaeFormatError, match=f"{release}' names an MLP, attention or transcoder release"):
+            load_sae(folder)
+    folder = tmp_path / "layer_9_runs" / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_50"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **t)
+    assert load_sae(folder).hook_layer == 12
+
+
+def test_bf16_files_are_folded_in_float32(tmp_path: Path) -> None:
+    """SAELens TopK rescaled by decoder norm, saved in bf16: the fold runs after the cast to float32."""
+    t, x = {n: v.to(torch.bfloat16).double() for n, v in _random(8).items()}, _x()
+    folder = tmp_path / "bf16"
+    folder.mkdir()
+    save_file({n: v.to(torch.bfloat16).contiguous() for n, v in t.items()}, str(folder / "sae_weights.safetensors"))
+    _write_saelens(tmp_path / "cfg", t, architecture="topk", k=4, rescale_acts_by_decoder_norm=True)
+    (folder / "cfg.json").write_text((tmp_path / "cfg" / "cfg.json").read_text())
+    norms = t["W_dec"].norm(dim=1)
+    acts = _topk(((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * norms, 4)
+    _check(load_sae(folder), acts, (acts / norms) @ t["W_dec"] + t["b_dec"], x)
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda p: _write_llama_scope(p, {**_random()}, dataset_average_activation_norm={"in": -3.0, "out": 3.0}),
+     "norms must be positive"),
+    (lambda p: _write_llama_scope(p, _random(), use_decoder_bias=False), "tensor decoder.bias is not part"),
+    (lambda p: _write_dl(p, "AutoEncoder", {**_linear(_random(), "bias"), "threshold": torch.tensor(0.5)}),
+     "tensor threshold is not part of a AutoEncoder"),
+    (lambda p: _write_dl(p, "AutoEncoder", _linear(_random(), "bias"), submodule_name="layers.3.MLP"),
+     "trainer.submodule_name='layers.3.MLP'"),
+    (lambda p: _write_saelens(p, _random(), architecture="standard", activation_fn_kwargs=[4]),
+     "unexpected content"),
+    (lambda p: _write_saelens(p, {**_random(), "topk_threshold": torch.ones(3)}, architecture="batchtopk"),
+     "topk_threshold must be a scalar"),
+])
+def test_odd_files_are_refused_naming_the_file(tmp_path: Path, write, message: str) -> None:
+    folder = write(tmp_path / "sae")
+    with pytest.raises(SaeFormatError, match=message) as info:
+        load_sae(folder)
+    assert str(tmp_path) in str(info.value)

@@ -66,3 +66,15 @@ def test_the_saes_own_neuronpedia_id_picks_its_rows(tmp_path: Path, capsys) -> N
     assert main(["features", "import-labels", str(tmp_path / "all.json"), "--sae", str(tmp_path / "sae")]) == 0
     catalog = FeatureCatalog.load(tmp_path / "sae", 64)
     assert catalog.resolve("right-sae", "f") == 4 and 3 not in catalog.features
+
+
+def test_labels_stay_unique_and_indices_must_be_indices(tmp_path: Path) -> None:
+    catalog = FeatureCatalog(d_sae=64)
+    rows = [_row(5, "x 10"), _row(1, "x"), _row(10, "x")]  # "x-10" made for 5, then wanted again for 10
+    got, _ = import_labels(catalog, rows, tmp_path)
+    assert len({got.info(i).label for i in (1, 5, 10)}) == 3
+    with pytest.raises(SaeFormatError, match="row 0: field index must be a feature index, got 3.7"):
+        import_labels(catalog, [{**_row(3, "y"), "index": 3.7}], tmp_path)
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00corrupt")
+    with pytest.raises(SaeFormatError, match="not a readable export"):
+        read_explanations(tmp_path / "bad.jsonl.gz")

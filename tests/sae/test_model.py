@@ -105,3 +105,15 @@ def test_build_rejects_bad_tensors() -> None:
         build_sae(cfg, {**good, "b_enc": nan}, "f")
     with pytest.raises(SaeFormatError, match="expected a float"):
         build_sae(cfg, {**good, "b_dec": torch.zeros(4, dtype=torch.long)}, "f")
+
+
+def test_the_site_is_the_layer_whose_output_the_sae_reads() -> None:
+    """resid_pre of layer L is the output of layer L-1: calibration, eval, checks and the plugin
+    all read the SAE there."""
+    from dataclasses import replace
+
+    from sae_serve.sae.model import build_sae
+
+    post = make_sae("relu", hook_layer=5)
+    pre = build_sae(replace(post.cfg, hook_point="resid_pre"), post.tensors(), "test")
+    assert (post.site_layer, pre.site_layer) == (5, 4)
