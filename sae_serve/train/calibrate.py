@@ -153,7 +153,8 @@ def contrastive_scores(sae: SparseAutoencoder, model: nn.Module, tokenizer: obje
 
 
 def calibrated_catalog(catalog: FeatureCatalog, stats: FeatureStats) -> FeatureCatalog:
-    """``catalog`` with max activation and density replaced; labels, tags and watchlist kept."""
+    """``catalog`` with max activation and density replaced; labels, tags and watchlist kept. Label
+    check figures go: their firing threshold moved with the max (rerun ``features validate``)."""
     from sae_serve.sae.features import FeatureCatalog, FeatureInfo  # pydantic stays off bare GPU hosts
 
     features = {}
