@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sae_serve import envs
+from sae_serve.config import LimitsConfig
 from sae_serve.errors import SaeServeError
-from sae_serve.steering.spec import RequestSpec
+from sae_serve.steering.fixed import check_runnable
+from sae_serve.steering.spec import RequestSpec, ResolvedRequest
 
 PREFIX = "sae_serve"
 """Every extra_args key of ours starts with this; workers check all of them."""
@@ -183,6 +185,12 @@ class WorkerCapabilities:
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self, request: ResolvedRequest, limits: LimitsConfig) -> None:
+        """Refuse, naming the field, what these workers could not run whole or hold within ``limits``."""
+        if self.graph_mode:
+            check_runnable(request, self.slots)
+        limits.check_readout(request, self.max_model_len)
 
     @classmethod
     def from_workers(cls, answers: list[dict[str, Any] | None]) -> WorkerCapabilities | None:

@@ -30,7 +30,6 @@ from sae_serve.engines.protocol import (
 )
 from sae_serve.errors import WorkerError
 from sae_serve.sae.registry import build_registry
-from sae_serve.steering.fixed import check_runnable
 from sae_serve.steering.hook import FeatureActivations
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
 
@@ -78,9 +77,7 @@ class SteeredLLM:
         """Parse and resolve ``spec`` (raises SpecError / ValidationError naming the field)."""
         parsed = spec if isinstance(spec, RequestSpec) else RequestSpec.model_validate(spec or {})
         resolved = resolve(parsed, self.registry)
-        if self.capabilities.graph_mode:
-            check_runnable(resolved, self.capabilities.slots)
-        self.limits.check_readout(resolved, self.capabilities.max_model_len)
+        self.capabilities.check(resolved, self.limits)
         return parsed, resolved
 
     def generate(self, prompts: Sequence[str], specs: Sequence[RequestSpec | dict | None],

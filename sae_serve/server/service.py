@@ -25,7 +25,6 @@ from sae_serve.engines.protocol import (
 from sae_serve.errors import PolicyError, SaeServeError, SpecError, WorkerError, field_path
 from sae_serve.metrics import ApiMetrics, api_metrics
 from sae_serve.sae.registry import SaeRegistry, build_registry
-from sae_serve.steering.fixed import check_runnable
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
 
 FEATURE_INDEX = re.compile(r"-?[0-9]+")
@@ -106,12 +105,8 @@ class SteeringService:
             if resolved.readout is not None and sequences > 1:
                 raise SpecError(field, f"return_features reads one sequence, and this asks for {sequences}: send "
                                 "them as separate requests, or drop return_features")
-        caps = self.capabilities
-        if caps is None:
-            return
-        if caps.graph_mode:
-            check_runnable(resolved, caps.slots)
-        self.limits.check_readout(resolved, caps.max_model_len)
+        if self.capabilities is not None:
+            self.capabilities.check(resolved, self.limits)
 
     async def collect(self, engine_client: Any, prepared: PreparedRequest) -> dict[str, Any] | None:
         """The request's readout so far (removed from the workers) as a JSON-ready object, None
