@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sae_serve.architectures import decoder_layers
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, registry_of
 from sae_serve.steering.hook import FeatureActivations, apply_plan, splice
 from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
@@ -58,8 +59,8 @@ class HFEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.registry = registry or registry_of({})
-        cfg = model.config
-        self.registry.check_fits(cfg.hidden_size, cfg.num_hidden_layers)
+        self.layers = decoder_layers(model)
+        self.registry.check_fits(model.config.get_text_config().hidden_size, len(self.layers))
         self._step: _Step | None = None
         self._handles = [self._install(loaded) for loaded in self.registry.saes.values()]
 
@@ -71,10 +72,6 @@ class HFEngine:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return cls(model, tokenizer, registry)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
 
     # --- the hook -------------------------------------------------------------------------------
     def _edit(self, loaded: LoadedSae, hidden: torch.Tensor) -> torch.Tensor:

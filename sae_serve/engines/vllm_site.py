@@ -1,5 +1,5 @@
-"""Where the plugin meets vLLM's model: the custom op, the layer wrapper that calls it, ``attach``
-(load the SAEs beside a runner's model), and the worker methods the API process calls.
+"""Where the plugin meets vLLM's model: the custom op, ``attach`` (load the SAEs beside a runner's
+model and wrap their layers, found by ``architectures.py``), and the worker methods the API process calls.
 
 The op ``sae_serve::steer_`` is opaque to torch.compile, so a compiled model runs it every step
 (a Python hook would be traced once and silently lost). Whenever the forward is replayed from
@@ -16,6 +16,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from sae_serve.architectures import Returns, decoder_stack
 from sae_serve.config import SaeServeConfig, config_from_env
 from sae_serve.engines.protocol import deployment_secret
 from sae_serve.engines.readouts import ReadoutStore
@@ -45,18 +46,25 @@ def _(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
 
 
 class SteeredDecoderLayer(nn.Module):
-    """A vLLM decoder layer followed by the steering op on its output (resid_post)."""
+    """A decoder layer followed by the steering op on its output (resid_post)."""
 
-    def __init__(self, layer: nn.Module, site: int) -> None:
+    def __init__(self, layer: nn.Module, site: int, returns: Returns) -> None:
         super().__init__()
         self.layer = layer
         self.site = site
+        self.returns = returns
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states, residual = self.layer(positions, hidden_states, residual, **kwargs)
-        torch.ops.sae_serve.steer_(hidden_states, residual, self.site)
-        return hidden_states, residual
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.layer(*args, **kwargs)
+        if self.returns == "deferred":
+            hidden, residual = out
+            torch.ops.sae_serve.steer_(hidden, residual, self.site)
+            return out
+        stream = out[0] if isinstance(out, tuple) else out
+        rows = stream.view(-1, stream.shape[-1])  # transformers' layers keep a batch dimension of 1
+        # The op edits hidden where the stream is hidden + residual: here the residual is zero.
+        torch.ops.sae_serve.steer_(rows, rows.new_zeros(()).expand_as(rows), self.site)
+        return out
 
 
 def bind_site(runtime: SteeringRuntime, loaded: LoadedSae) -> int:
@@ -94,10 +102,15 @@ def replays_cuda_graphs(runner: Any) -> bool:
 
 def check_layout(parallel: Any) -> None:
     """Refuse what would steer the wrong rows or lose readouts: micro-batching (the op would see a
-    slice of the rows it planned) and data parallelism (the API reaches one engine's workers)."""
+    slice of the rows it planned), pipeline parallelism (a stage without the SAE's layer would
+    still plan its requests; untested, since vLLM's CPU build cannot run it) and data parallelism
+    (the API reaches one engine's workers)."""
     if getattr(parallel, "use_ubatching", False):
         raise SaeServeError("sae_serve does not support vLLM's micro-batching (--enable-dbo / ubatch_size > 1): "
                             "each micro-batch would see rows planned for the whole step")
+    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
+        raise SaeServeError("sae_serve does not support pipeline parallelism yet (--pipeline-parallel-size > 1): "
+                            "use tensor parallelism")
     if getattr(parallel, "data_parallel_size", 1) > 1:
         raise SaeServeError("sae_serve does not support data parallelism yet (--data-parallel-size > 1): run one "
                             "server per replica")
@@ -112,9 +125,10 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         return None
     check_layout(runner.vllm_config.parallel_config)
     graph_mode = graph_mode or replays_cuda_graphs(runner)
-    hf = runner.model_config.hf_config
-    registry = build_registry(config, dtype=runner.model_config.dtype, device=runner.device)
-    registry.check_fits(hf.hidden_size, hf.num_hidden_layers)
+    model_config = runner.model_config
+    stack = decoder_stack(runner.get_model(), model_config.architecture)
+    registry = build_registry(config, dtype=model_config.dtype, device=runner.device)
+    registry.check_fits(model_config.hf_text_config.hidden_size, len(stack.layers))
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     sched = runner.vllm_config.scheduler_config
@@ -130,10 +144,9 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
                                 "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
         runtime.tables = {name: FixedTables(loaded.sae, capacity) for name, loaded in registry.saes.items()
                           if name not in topk}
-    layers = runner.model.model.layers
     for loaded in registry.saes.values():
         index = _site_layer(loaded)
-        layers[index] = SteeredDecoderLayer(layers[index], bind_site(runtime, loaded))
+        stack.layers[index] = SteeredDecoderLayer(stack.layers[index], bind_site(runtime, loaded), stack.returns)
         logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
     return runtime
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sae_serve.architectures import decoder_layers
 from sae_serve.errors import SaeServeError
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,6 @@ def tokenize_contexts(texts: Iterable[str], tokenizer: object, ctx_len: int, max
     if n == 0:
         raise SaeServeError(f"corpus: fewer than ctx_len={ctx_len} tokens of text")
     return np.asarray(buffer[: n * ctx_len], dtype=np.int32).reshape(n, ctx_len)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", model)
-    return inner.layers
 
 
 def layer_activations(model: nn.Module, input_ids: torch.Tensor, layer: int) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae_serve.architectures import decoder_layers
 from sae_serve.sae.model import SparseAutoencoder
-from sae_serve.train.activations import decoder_layers
 
 DENSE_ABOVE = 0.1
 MASSIVE_FACTOR = 10.0

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sae_serve import envs
+from sae_serve.architectures import decoder_layers
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.formats import save_sae
 from sae_serve.sae.model import SparseAutoencoder
@@ -105,7 +106,7 @@ def export(job: TrainJob, trainer: Trainer, store: ActivationStore, model_name: 
 
 def run_training(job: TrainJob, model: nn.Module, tokenizer: object, model_name: str,
                  on_log: Callable[[StepStats], None] = lambda s: None) -> SparseAutoencoder:
-    n_layers = len(model.model.layers)
+    n_layers = len(decoder_layers(model))
     if not 0 <= job.layer < n_layers:
         raise SaeServeError(f"layer {job.layer} is out of range: the model has layers 0..{n_layers - 1}")
     job.out.mkdir(parents=True, exist_ok=True)
