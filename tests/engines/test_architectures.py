@@ -26,7 +26,7 @@ from sae_serve.sae.formats import save_sae
 from sae_serve.sae.registry import SaeEntry, build_registry
 from sae_serve.steering.spec import RequestSpec, resolve
 from tests.conftest import make_sae
-from tests.engines.tiny_models import D_MODEL, FAMILIES, LAYERS, build_checkpoint
+from tests.engines.tiny_models import D_MODEL, ENGINE_KWARGS, FAMILIES, LAYERS, build_checkpoint, load_reference_model
 
 PROMPTS = ["My favourite food is", "The weather today is", "def add(a, b):", "Le chat dort sur", "Once upon a time,"]
 SPECS: list[dict | None] = [
@@ -50,9 +50,9 @@ def _config(tmp_path_factory: pytest.TempPathFactory) -> SaeServeConfig:
 def _reference_generations(folder: Path, config: SaeServeConfig) -> list[Generation]:
     """Every spec of SPECS on the reference engine, computed before vLLM starts: vLLM's
     Transformers backend (OLMo 2) recompiles transformers' model class in place when it loads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = load_reference_model(folder)
     reference = HFEngine(model, AutoTokenizer.from_pretrained(folder), build_registry(config))
     resolved = [None if s is None else resolve(RequestSpec.model_validate(s), reference.registry) for s in SPECS]
     return reference.generate(PROMPTS, resolved, max_new_tokens=10)
@@ -67,7 +67,7 @@ def engines(request, tmp_path_factory, default_model_dir):
     config = _config(tmp_path_factory)
     want = _reference_generations(folder, config)
     llm = SteeredLLM(folder, config, config_dir=tmp_path_factory.mktemp("c"), enforce_eager=True,
-                     dtype="float32", max_model_len=512)
+                     dtype="float32", max_model_len=512, **ENGINE_KWARGS.get(request.param, {}))
     yield request.param, llm, want
     del llm.llm
     gc.collect()

