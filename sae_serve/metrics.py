@@ -80,6 +80,18 @@ _WORKER: WeakKeyDictionary[CollectorRegistry, WorkerMetrics] = WeakKeyDictionary
 _API: WeakKeyDictionary[CollectorRegistry, ApiMetrics] = WeakKeyDictionary()
 
 
+class SilentMetrics:
+    """The metrics of a worker that does not report: a tensor-parallel rank after the first steers
+    the same tokens as the first, which counts them once for the deployment. Every update is
+    dropped (with PROMETHEUS_MULTIPROC_DIR, any real metric in any process would be summed)."""
+
+    def __getattr__(self, name: str) -> SilentMetrics:
+        return self
+
+    def __call__(self, *args: object, **kwargs: object) -> SilentMetrics:
+        return self
+
+
 def worker_metrics(registry: CollectorRegistry = REGISTRY) -> WorkerMetrics:
     """One set per registry: a process that loads the plugin twice shares it."""
     if registry not in _WORKER:

@@ -13,10 +13,12 @@ from sae_serve.errors import SaeServeError
 
 def register() -> None:
     """Safe to call again in any process."""
+    from sae_serve.engines.vllm_releases import check_release
     from sae_serve.engines.vllm_site import install_worker_methods
     from sae_serve.engines.vllm_v1 import patch_v1_runner
     from sae_serve.engines.vllm_v2 import patch_v2_runner
 
+    check_release()
     try:
         patch_v1_runner()
         patch_v2_runner()

@@ -27,7 +27,7 @@ from sae_serve.engines.protocol import (
 )
 from sae_serve.engines.readouts import ReadoutStore
 from sae_serve.errors import SpecError
-from sae_serve.metrics import WorkerMetrics, worker_metrics
+from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
 from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
 from sae_serve.steering.hook import apply_plan_split_
@@ -71,9 +71,10 @@ class SteeringRuntime:
     graph_mode: bool = False  # CUDA graphs: the op runs the fixed tables only, every step
     max_model_len: int = 0
     slots: int = OpConfig().slots
-    metrics: WorkerMetrics = field(default_factory=worker_metrics)
+    metrics: WorkerMetrics | SilentMetrics = field(default_factory=worker_metrics)
     readouts: ReadoutStore = field(default_factory=lambda: ReadoutStore.of(LimitsConfig()))
     monitoring: bool = False  # watch features and time the hook
+    reports: bool = True  # answers for the deployment (readouts, metrics): the first tensor-parallel rank
     resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)

