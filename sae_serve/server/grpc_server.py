@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sae_serve.engines.vllm_releases import client_error
 from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.grpc_stubs import load
 from sae_serve.server.service import SteeringService
@@ -92,10 +93,8 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
         except WorkerError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except Exception as exc:
-            from vllm.exceptions import VLLMClientError
-
             # vLLM's own checks (temperature, a prompt longer than the context) fail before any output.
-            if isinstance(exc, VLLMClientError) or (isinstance(exc, ValueError | TypeError) and not sent):
+            if isinstance(exc, client_error()) or (isinstance(exc, ValueError | TypeError) and not sent):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
         finally:

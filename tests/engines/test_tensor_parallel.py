@@ -8,8 +8,10 @@ with no plugin loaded; see README's matrix).
 
 from __future__ import annotations
 
-import gc
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from sae_serve.config import SaeServeConfig
+from sae_serve.config import SaeServeConfig, write_config
 from sae_serve.engines.protocol import SPEC_KEY
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.formats import save_sae
@@ -39,48 +41,57 @@ SPECS: list[dict | None] = [
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, default_model_dir) -> tuple[Path, SaeServeConfig]:
+def setup(tmp_path_factory, default_model_dir) -> tuple[Path, Path]:
+    """(a tiny Qwen2 with 2 heads, its config file with a random SAE in the middle)."""
     folder = build_checkpoint("qwen2", tmp_path_factory.mktemp("qwen2"), default_model_dir)
     sae = make_sae("relu", d_in=D_MODEL, d_sae=128, hook_layer=LAYERS // 2, seed=1)
-    return folder, SaeServeConfig(saes=(SaeEntry(name="mid", path=str(save_sae(sae, tmp_path_factory.mktemp("s")))),))
+    config = SaeServeConfig(saes=(SaeEntry(name="mid", path=str(save_sae(sae, tmp_path_factory.mktemp("s")))),))
+    return folder, write_config(config, tmp_path_factory.mktemp("c") / "sae_serve.json")
 
 
-def _run(folder: Path, config: SaeServeConfig, config_dir: Path, **kwargs: object) -> list:
+def run_layout(folder: str, config: str, out: str, tp: int) -> None:
+    """In a fresh process (vLLM caches its environment after the first engine): SPECS, then one
+    unsigned spec; tokens and readouts to ``out``."""
     from vllm import SamplingParams
 
     from sae_serve.engines.vllm_offline import SteeredLLM
 
-    llm = SteeredLLM(folder, config, config_dir=config_dir, enforce_eager=True, dtype="float32",
-                     max_model_len=512, **kwargs)
-    greedy = SamplingParams(temperature=0, max_tokens=10)
-    try:
-        out = llm.generate(PROMPTS, SPECS, greedy)
-        smuggled = SamplingParams(temperature=0, max_tokens=4, extra_args={SPEC_KEY: '{"steering": {}}'})
-        llm.llm.generate(["An unsigned spec"], smuggled, use_tqdm=False)
-        return out
-    finally:
-        del llm.llm
-        gc.collect()
+    llm = SteeredLLM(folder, config, enforce_eager=True, dtype="float32", max_model_len=512,
+                     tensor_parallel_size=tp, distributed_executor_backend="mp" if tp > 1 else None)
+    got = llm.generate(PROMPTS, SPECS, SamplingParams(temperature=0, max_tokens=10))
+    smuggled = SamplingParams(temperature=0, max_tokens=4, extra_args={SPEC_KEY: '{"steering": {}}'})
+    llm.llm.generate(["An unsigned spec"], smuggled, use_tqdm=False)
+    Path(out).write_text(json.dumps([
+        {"tokens": g.token_ids, "positions": None if g.features is None else g.features.positions.tolist(),
+         "values": None if g.features is None else g.features.values.tolist()} for g in got]))
 
 
-def test_tp2_equals_tp1_and_reports_once(setup, tmp_path, monkeypatch) -> None:
+def _layout(setup: tuple[Path, Path], tmp_path: Path, tp: int, env: dict[str, str]) -> list[dict]:
+    folder, config = setup
+    out = tmp_path / f"tp{tp}.json"
+    code = f"from tests.engines.test_tensor_parallel import run_layout; run_layout({str(folder)!r}, " \
+           f"{str(config)!r}, {str(out)!r}, {tp})"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_tp2_equals_tp1_and_reports_once(setup, tmp_path) -> None:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    folder, config = setup
-    one = _run(folder, config, tmp_path)
-    # Two worker processes, one core each; spawned, so they write their metrics to the folder.
+    one = _layout(setup, tmp_path, 1, {})
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
-    two = _run(folder, config, tmp_path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    # Two worker processes, one core each, writing their metrics to the folder.
+    two = _layout(setup, tmp_path, 2, {"VLLM_CPU_OMP_THREADS_BIND": "0|1",
+                                       "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     for a, b, spec in zip(one, two, SPECS, strict=True):
-        assert a.token_ids == b.token_ids, spec
-        if spec is not None and "return_features" in spec:
-            assert b.features.positions.tolist() == a.features.positions.tolist(), "readouts once, not per rank"
-            torch.testing.assert_close(b.features.values, a.features.values, atol=2e-3, rtol=2e-3)
+        assert a["tokens"] == b["tokens"], spec
+        assert b["positions"] == a["positions"], "readouts once, not once per rank"
+        if a["values"] is not None:
+            torch.testing.assert_close(torch.tensor(b["values"]), torch.tensor(a["values"]), atol=2e-3, rtol=2e-3)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(metrics_dir))
     rejected = registry.get_sample_value("sae_serve_rejected_specs_total", {"reason": "unauthenticated"})
