@@ -24,7 +24,7 @@ from typing import Any
 
 from sae_serve import envs
 from sae_serve.config import LimitsConfig
-from sae_serve.errors import SaeServeError
+from sae_serve.errors import SaeServeError, SpecError
 from sae_serve.steering.fixed import check_runnable
 from sae_serve.steering.spec import RequestSpec, ResolvedRequest
 
@@ -182,6 +182,8 @@ class WorkerCapabilities:
     """Longest sequence: bounds a request's readout rows."""
     secret_id: str | None = None
     """``secret_id`` of the worker's secret: every process of a deployment must share one."""
+    speculative: bool = False
+    """Speculative decoding is on: the forward also computes draft tokens that may be rejected."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +192,11 @@ class WorkerCapabilities:
         """Refuse, naming the field, what these workers could not run whole or hold within ``limits``."""
         if self.graph_mode:
             check_runnable(request, self.slots)
+        if self.speculative and request.readout is not None:
+            # Steering is exact there (a rejected draft's edit is discarded with it), but a readout
+            # would hold rows of drafts the sampler rejected.
+            raise SpecError("return_features", "feature readouts are not available on this server: it runs "
+                            "speculative decoding, whose rejected draft tokens would show up in them")
         limits.check_readout(request, self.max_model_len)
 
     @classmethod
@@ -204,4 +211,4 @@ class WorkerCapabilities:
             raise SaeServeError(f"vLLM's workers do not share one {envs.SECRET_VAR} (set it in every process, "
                                 "e.g. Ray workers' runtime_env); they would ignore every admitted spec")
         return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
-                   ids.pop())
+                   ids.pop(), any(c.speculative for c in got))

@@ -58,9 +58,28 @@ class ReadoutStore:
             self.fail(key, f"the readout exceeds this server's limit of {self.max_values} values per request "
                            "(config limits.max_readout_values)")
             return
-        entry.chunks.setdefault(sae, []).append(acts)
+        chunks = entry.chunks.setdefault(sae, [])
+        if chunks and acts.positions.numel() and chunks[-1].positions[-1] >= acts.positions[0]:
+            # Positions computed again (a preempted request recomputes its tokens): the new rows count.
+            self._truncate(entry, sae, int(acts.positions[0]))
+            chunks = entry.chunks[sae]
+        chunks.append(acts)
         entry.values += values
-        entry.nbytes += sum(t.numel() * t.element_size() for t in acts)
+        entry.nbytes += _nbytes(acts)
+
+    @staticmethod
+    def _truncate(entry: _Entry, sae: str, position: int) -> None:
+        """Drop ``sae``'s rows at ``position`` and after."""
+        kept = []
+        for chunk in entry.chunks[sae]:
+            entry.values -= chunk.indices.numel()
+            entry.nbytes -= _nbytes(chunk)
+            keep = chunk.positions < position
+            if keep.any():
+                kept.append(FeatureActivations(*(t[keep] for t in chunk)))
+                entry.values += kept[-1].indices.numel()
+                entry.nbytes += _nbytes(kept[-1])
+        entry.chunks[sae] = kept
 
     def fail(self, key: str, error: str) -> None:
         """The request cannot be served as admitted: its readouts go, the error stays to be fetched."""
@@ -90,6 +109,10 @@ class ReadoutStore:
         if entry is None:
             return WorkerReply()
         return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()})
+
+
+def _nbytes(acts: FeatureActivations) -> int:
+    return sum(t.numel() * t.element_size() for t in acts)
 
 
 def _readout(chunks: list[FeatureActivations]) -> Readout:

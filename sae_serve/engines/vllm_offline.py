@@ -81,8 +81,9 @@ class SteeredLLM:
         return parsed, resolved
 
     def generate(self, prompts: Sequence[str], specs: Sequence[RequestSpec | dict | None],
-                 sampling_params: Any) -> list[SteeredOutput]:
-        """Generate ``prompts[i]`` under ``specs[i]``; every spec is checked before any is sent."""
+                 sampling_params: Any, lora_request: Any = None) -> list[SteeredOutput]:
+        """Generate ``prompts[i]`` under ``specs[i]`` (and vLLM's ``lora_request``, one or a list);
+        every spec is checked before any is sent."""
         checked = [self.validate(s) for s in specs]
         engine = [admit(spec) for spec, _ in checked]
         items, params = [], []
@@ -91,7 +92,7 @@ class SteeredLLM:
             p = sampling_params.clone()
             p.extra_args = {**(p.extra_args or {}), **req.extra_args}
             params.append(p)
-        outputs = self.llm.generate(items, params, use_tqdm=False)
+        outputs = self.llm.generate(items, params, use_tqdm=False, lora_request=lora_request)
         keys = [r.key for r in engine]
         readouts = merge_replies(self.llm.collective_rpc(POP_READOUTS, args=(keys,)), keys)
         results = []

@@ -75,6 +75,7 @@ class SteeringRuntime:
     readouts: ReadoutStore = field(default_factory=lambda: ReadoutStore.of(LimitsConfig()))
     monitoring: bool = False  # watch features and time the hook
     reports: bool = True  # answers for the deployment (readouts, metrics): the first tensor-parallel rank
+    speculative: bool = False  # speculative decoding on: no readouts (rejected drafts would be in them)
     resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
@@ -85,7 +86,8 @@ class SteeringRuntime:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
 
     def capabilities(self) -> WorkerCapabilities:
-        return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret))
+        return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
+                                  self.speculative)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""

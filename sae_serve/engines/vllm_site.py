@@ -144,7 +144,7 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     reports = _first_rank()
     runtime = SteeringRuntime(registry, deployment_secret(), graph_mode, model_config.max_model_len, config.op.slots,
                               worker_metrics() if reports else SilentMetrics(), ReadoutStore.of(config.limits),
-                              reports=reports)
+                              reports=reports, speculative=runner.vllm_config.speculative_config is not None)
     if config.metrics.enabled:
         runtime.enable_monitoring(config.metrics.firing_fraction_of_max, sched.max_num_batched_tokens)
     if config.op.fixed_shapes or graph_mode:

@@ -86,15 +86,16 @@ def test_wire_records_round_trip_and_merge_across_ranks() -> None:
     assert merged["k"].features["s"].positions == [0, 1] and merged["absent"] == WorkerReply()
 
 
-def _acts(rows: int, k: int = 4) -> FeatureActivations:
-    return FeatureActivations(torch.arange(rows), torch.zeros(rows, k, dtype=torch.long), torch.zeros(rows, k))
+def _acts(rows: int, k: int = 4, start: int = 0, value: float = 0.0) -> FeatureActivations:
+    return FeatureActivations(torch.arange(start, start + rows), torch.zeros(rows, k, dtype=torch.long),
+                              torch.full((rows, k), value))
 
 
 def test_the_readout_store_bounds_each_request_and_drops_the_unfetched() -> None:
     now = [0.0]
     store = ReadoutStore(max_values=40, ttl_s=5, clock=lambda: now[0])
     store.add("a", "s", _acts(8))  # 32 values
-    store.add("a", "s", _acts(3))  # 12 more: over 40
+    store.add("a", "s", _acts(3, start=8))  # 12 more: over 40
     reply = store.pop("a")
     assert "limit of 40 values" in reply.error and reply.features == {}  # never a silently short readout
     for i in range(500):  # requests that were aborted, or whose client never fetched
@@ -106,3 +107,13 @@ def test_the_readout_store_bounds_each_request_and_drops_the_unfetched() -> None
     store.expire()
     assert len(store) == 1 and store.pop("live").features["s"].positions == [0, 1]
     assert store.nbytes == 0
+
+
+def test_positions_computed_again_replace_the_earlier_rows() -> None:
+    """A preempted request recomputes its tokens: its readout holds each position once, the newest."""
+    store = ReadoutStore(max_values=100, ttl_s=5)
+    store.add("k", "s", _acts(6, k=1, value=1.0))  # positions 0..5
+    store.add("k", "s", _acts(4, k=1, start=3, value=2.0))  # recomputed from position 3: 3..6
+    assert store.nbytes == 7 * (8 + 4 + 8)  # positions int64, indices int64, values float32
+    reply = store.pop("k").features["s"]
+    assert reply.positions == list(range(7)) and reply.values == [[1.0]] * 3 + [[2.0]] * 4
