@@ -6,6 +6,10 @@ PIP := $(PY) -m pip
 VENV_OLDEST ?= .venv-vllm026
 PY_OLDEST := $(VENV_OLDEST)/bin/python
 
+# What runs again on the oldest vLLM: the plugin on every architecture and the servers (CI time bounds the rest).
+OLDEST_VLLM_TESTS ?= tests/engines/test_architectures.py tests/engines/test_vllm_plugin.py \
+	tests/server/test_serve.py tests/server/test_adversarial.py
+
 .PHONY: install install-oldest-vllm install-system test fuzz lint serve
 
 # `make test` and `make serve` install on first use; the stamps make later runs start at once.
