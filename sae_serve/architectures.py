@@ -12,7 +12,8 @@ Anything else is refused at load with the architecture's name: steering a tensor
 stream would be a silent wrong answer.
 
 The layers are the causal LM's ``model.layers``; in a multimodal model, its language model's
-(vLLM's ``get_language_model()``, transformers' ``language_model``).
+(vLLM's ``get_language_model()``, transformers' ``language_model``). Under pipeline parallelism a
+process runs a slice of them; vLLM puts placeholders in the others.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class DecoderStack:
     architecture: str
     layers: nn.ModuleList
     returns: Returns
+    owned: frozenset[int]
+    """The layers this process runs: all of them, or a pipeline stage's (the rest are vLLM's
+    placeholders, PPMissingLayer)."""
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -58,7 +62,9 @@ def decoder_stack(model: nn.Module, architecture: str) -> DecoderStack:
     if layers is None:
         raise SaeServeError(f"sae_serve cannot find the decoder layers of {architecture} ({type(text).__name__} "
                             "has no model.layers)")
-    return DecoderStack(architecture, layers, _returns(architecture, layers[0]))
+    owned = frozenset(i for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer")
+    first = min(owned, default=0)
+    return DecoderStack(architecture, layers, _returns(architecture, layers[first]), owned)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -74,7 +74,9 @@ class SteeringRuntime:
     metrics: WorkerMetrics | SilentMetrics = field(default_factory=worker_metrics)
     readouts: ReadoutStore = field(default_factory=lambda: ReadoutStore.of(LimitsConfig()))
     monitoring: bool = False  # watch features and time the hook
-    reports: bool = True  # answers for the deployment (readouts, metrics): the first tensor-parallel rank
+    reports: bool = True  # answers for its stage (readouts, metrics): the first tensor-parallel rank
+    local: frozenset[str] | None = None  # the SAEs this process runs (None: all; a pipeline stage: its own)
+    counts_requests: bool = True  # counts refused specs (one worker of the deployment does)
     speculative: bool = False  # speculative decoding on: no readouts (rejected drafts would be in them)
     resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
     step: _Step | None = None
@@ -83,7 +85,8 @@ class SteeringRuntime:
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
 
     def __post_init__(self) -> None:
-        self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
+        self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
+                     if self.local is None or name in self.local}
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
@@ -92,7 +95,8 @@ class SteeringRuntime:
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
         self.monitoring = True
-        for name, loaded in self.registry.saes.items():
+        for name in self.saes:
+            loaded = self.registry.saes[name]
             if not loaded.watchlist or loaded.sae.cfg.architecture == "topk":
                 continue
             catalog = loaded.catalog
@@ -102,6 +106,10 @@ class SteeringRuntime:
                 [firing_fraction * (catalog.info(f).max_activation or 0.0) for f in loaded.watchlist], max_rows)
             self.metrics.declare_watched(name, names)
 
+    def _reject(self, reason: str) -> None:
+        if self.counts_requests:
+            self.metrics.rejected_specs.labels(reason).inc()
+
     def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
         if not extra_args:  # a plain request, or one of vLLM's dummy batches: nothing to keep
             return None, {}
@@ -110,7 +118,7 @@ class SteeringRuntime:
             try:
                 admitted = admitted_spec(extra_args, self.secret)
             except UnauthenticatedSpec as exc:
-                self.metrics.rejected_specs.labels("unauthenticated").inc()
+                self._reject("unauthenticated")
                 logger.warning("request %s: %s; served without steering", req_id, exc)
                 return self.resolved[req_id]
             if admitted is not None:
@@ -123,7 +131,7 @@ class SteeringRuntime:
         try:
             request = resolve(RequestSpec.model_validate_json(spec_json), self.registry)
         except (ValidationError, SpecError) as exc:  # the service checked it: a deployment out of step
-            self.metrics.rejected_specs.labels("invalid").inc()
+            self._reject("invalid")
             logger.error("admitted spec %s is invalid on this worker: %s", key, exc)
             self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
             return {}
@@ -181,7 +189,7 @@ class SteeringRuntime:
             (fixed if fits(seg.plan, tables.capacity) else rest).append(seg)
         if self.graph_mode and rest:  # a captured graph cannot run the segment path
             for seg in rest:  # (the service refuses these up front: reaching here is a deployment out of step)
-                self.metrics.rejected_specs.labels("unrunnable").inc()
+                self._reject("unrunnable")
                 self.readouts.fail(str(keys[seg.request]), f"SAE {name!r}: this request needs a top-k readout "
                                    "or more features than op.slots, which CUDA graphs cannot run")
             rest = []

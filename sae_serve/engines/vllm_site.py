@@ -102,24 +102,19 @@ def replays_cuda_graphs(runner: Any) -> bool:
 
 def check_layout(parallel: Any) -> None:
     """Refuse what would steer the wrong rows or lose readouts: micro-batching (the op would see a
-    slice of the rows it planned), pipeline parallelism (a stage without the SAE's layer would
-    still plan its requests; untested, since vLLM's CPU build cannot run it) and data parallelism
-    (the API reaches one engine's workers)."""
+    slice of the rows it planned) and data parallelism (the API reaches one engine's workers)."""
     if getattr(parallel, "use_ubatching", False):
         raise SaeServeError("sae_serve does not support vLLM's micro-batching (--enable-dbo / ubatch_size > 1): "
                             "each micro-batch would see rows planned for the whole step")
-    if getattr(parallel, "pipeline_parallel_size", 1) > 1:
-        raise SaeServeError("sae_serve does not support pipeline parallelism yet (--pipeline-parallel-size > 1): "
-                            "use tensor parallelism")
     if getattr(parallel, "data_parallel_size", 1) > 1:
         raise SaeServeError("sae_serve does not support data parallelism yet (--data-parallel-size > 1): run one "
                             "server per replica")
 
 
 def _first_rank() -> bool:
-    """Whether this worker answers for the deployment. Every tensor-parallel rank holds the whole
-    stream after a layer (vLLM all-reduces inside it), so every rank steers, and the first alone
-    reports readouts and metrics (pipeline parallelism is refused above)."""
+    """Whether this worker answers for its pipeline stage. Every tensor-parallel rank holds the
+    whole stream after a layer (vLLM all-reduces inside it), so every rank steers, and the first
+    alone reports readouts and metrics."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank() == 0
@@ -128,38 +123,53 @@ def _first_rank() -> bool:
 def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
     V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
-    every step."""
+    every step. Under pipeline parallelism a stage runs the SAEs that read its layers (on its
+    device) and keeps the others' catalogs to resolve requests (their weights in host memory); a
+    stage with none of them steers and reports nothing."""
     config = runner_config(runner)
     if config is None or not config.saes:
         return None
     check_layout(runner.vllm_config.parallel_config)
-    graph_mode = graph_mode or replays_cuda_graphs(runner)
     model_config = runner.model_config
     stack = decoder_stack(runner.get_model(), model_config.architecture)
-    registry = build_registry(config, dtype=model_config.dtype, device=runner.device)
+    registry = build_registry(config, dtype=model_config.dtype)
     registry.check_fits(model_config.hf_text_config.hidden_size, len(stack.layers))
+    layers = {name: _site_layer(loaded) for name, loaded in registry.saes.items()}
+    local = frozenset(name for name, index in layers.items() if index in stack.owned)
+    if not local:
+        logger.info("sae_serve: no SAE reads a layer of this pipeline stage")
+        return None
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
-    sched = runner.vllm_config.scheduler_config
     reports = _first_rank()
-    runtime = SteeringRuntime(registry, deployment_secret(), graph_mode, model_config.max_model_len, config.op.slots,
-                              worker_metrics() if reports else SilentMetrics(), ReadoutStore.of(config.limits),
-                              reports=reports, speculative=runner.vllm_config.speculative_config is not None)
+    runtime = SteeringRuntime(
+        registry.moved(runner.device, local), deployment_secret(), graph_mode or replays_cuda_graphs(runner),
+        model_config.max_model_len, config.op.slots, worker_metrics() if reports else SilentMetrics(),
+        ReadoutStore.of(config.limits), reports=reports, local=local,
+        counts_requests=reports and min(layers.values()) in stack.owned,  # one stage counts each request
+        speculative=runner.vllm_config.speculative_config is not None)
+    _prepare_ops(runtime, runner, config)
+    for name in sorted(local):
+        loaded = runtime.registry.saes[name]
+        stack.layers[layers[name]] = SteeredDecoderLayer(stack.layers[layers[name]], bind_site(runtime, loaded),
+                                                         stack.returns)
+        logger.info("sae_serve: SAE %r (%d features) on layer %d", name, loaded.sae.d_sae, layers[name])
+    return runtime
+
+
+def _prepare_ops(runtime: SteeringRuntime, runner: Any, config: SaeServeConfig) -> None:
+    """Monitoring, and the fixed-shape op's tables where it runs."""
+    sched = runner.vllm_config.scheduler_config
     if config.metrics.enabled:
         runtime.enable_monitoring(config.metrics.firing_fraction_of_max, sched.max_num_batched_tokens)
-    if config.op.fixed_shapes or graph_mode:
-        capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
-        topk = [name for name, loaded in registry.saes.items() if loaded.sae.cfg.architecture == "topk"]
-        if graph_mode and topk:
-            raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: CUDA graphs cannot run "
-                                "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
-        runtime.tables = {name: FixedTables(loaded.sae, capacity) for name, loaded in registry.saes.items()
-                          if name not in topk}
-    for loaded in registry.saes.values():
-        index = _site_layer(loaded)
-        stack.layers[index] = SteeredDecoderLayer(stack.layers[index], bind_site(runtime, loaded), stack.returns)
-        logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
-    return runtime
+    if not (config.op.fixed_shapes or runtime.graph_mode):
+        return
+    capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
+    topk = [name for name, sae in runtime.saes.items() if sae.cfg.architecture == "topk"]
+    if runtime.graph_mode and topk:
+        raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: CUDA graphs cannot run "
+                            "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
+    runtime.tables = {name: FixedTables(sae, capacity) for name, sae in runtime.saes.items() if name not in topk}
 
 
 # --- worker methods, called by name through vLLM's collective_rpc (they work across processes) ---

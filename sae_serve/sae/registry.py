@@ -7,7 +7,8 @@ configuration (``RegistryConfig``) and is read-only afterwards.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,6 +83,15 @@ class SteeringVector:
 class SaeRegistry:
     saes: dict[str, LoadedSae]
     vectors: dict[str, SteeringVector]
+
+    def moved(self, device: str | torch.device, names: Collection[str]) -> SaeRegistry:
+        """This registry with the SAEs ``names`` and their vectors on ``device`` (the SAEs move in
+        place); the others stay where they were loaded."""
+        for name in names:
+            self.saes[name].sae.to(device)
+        vectors = {key: replace(v, vector=v.vector.to(device)) if v.sae in names else v
+                   for key, v in self.vectors.items()}
+        return SaeRegistry(self.saes, vectors)
 
     def check_fits(self, d_model: int, num_layers: int) -> None:
         """Refuse SAEs that cannot belong to a model of this width and depth."""

