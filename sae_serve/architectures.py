@@ -1,15 +1,16 @@
 """Where a model keeps its decoder layers, and what a layer returns: the one place that knows model families.
 
 A model's residual stream after decoder layer L is what the SAE at L reads and what steering edits.
-Two kinds of decoder layer carry it, told apart by their code rather than by a list of names, so a
-new model of a known kind works unchanged:
-- ``deferred``: vLLM's own layers (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, Mixtral, Qwen3-MoE
-  and most others) take ``(positions, hidden_states, residual)`` and return ``(hidden, residual)``;
-  vLLM defers the residual add into the next layer's fused norm, so the stream is hidden + residual.
+Two kinds of decoder layer carry it:
+- ``deferred``: vLLM's own layers listed in DEFERRED_LAYERS (Llama, Mistral, Qwen2/3, Qwen3-MoE,
+  Gemma 1/2/3, Phi-3) return ``(hidden, residual)``; vLLM defers the residual add into the next
+  layer's fused norm, so the stream is hidden + residual.
 - ``stream``: transformers' own layers, which vLLM runs through its Transformers backend (OLMo 2 in
-  vLLM 0.32, and any model vLLM has no code for), return the stream itself (or a tuple led by it).
-Anything else is refused at load with the architecture's name: steering a tensor that is not the
-stream would be a silent wrong answer.
+  vLLM 0.32, any model with ``--model-impl transformers``), return the stream itself (or a tuple
+  led by it).
+Any other layer is refused at load, naming the architecture and the layer: steering a tensor that
+is not the stream would be a silent wrong answer. The check is per wrapped layer, so hybrid models
+whose other layers differ are judged by the layer the SAE reads.
 
 The layers are the causal LM's ``model.layers``; in a multimodal model, its language model's
 (vLLM's ``get_language_model()``, transformers' ``language_model``). Under pipeline parallelism a
@@ -18,7 +19,6 @@ process runs a slice of them; vLLM puts placeholders in the others.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,17 +28,40 @@ from sae_serve.errors import SaeServeError
 
 Returns = Literal["deferred", "stream"]
 
+# vLLM's own layers whose (hidden, residual) return was read and tested to mean stream = hidden +
+# residual (tests/engines/test_architectures.py). The signature alone does not tell: some layers
+# with the same one add the residual themselves and return (stream, an earlier residual), e.g.
+# Cohere's, EXAONE 4's and PhiMoE's; others return (hidden, None) or three values.
+DEFERRED_LAYERS = frozenset({
+    "LlamaDecoderLayer",  # Llama, Phi-3, SmolLM2 and other Llama-architecture models
+    "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "Qwen3MoeDecoderLayer",
+    "GemmaDecoderLayer",  # Gemma, and PaliGemma's language model
+    "Gemma2DecoderLayer", "Gemma3DecoderLayer",
+})
+VLLM_MODELS = "vllm.model_executor.models."
+
 
 @dataclass(frozen=True)
 class DecoderStack:
-    """A model's decoder layers and how to find the residual stream in what they return."""
+    """A model's decoder layers, and which of them this process runs."""
 
     architecture: str
     layers: nn.ModuleList
-    returns: Returns
     owned: frozenset[int]
-    """The layers this process runs: all of them, or a pipeline stage's (the rest are vLLM's
-    placeholders, PPMissingLayer)."""
+    """All of them, or a pipeline stage's (the rest are vLLM's placeholders, PPMissingLayer)."""
+
+    def returns(self, index: int) -> Returns:
+        """How to find the residual stream in what layer ``index`` returns (refused when unknown)."""
+        layer = self.layers[index]
+        name, module = type(layer).__name__, type(layer).__module__
+        if module.startswith(VLLM_MODELS) and name in DEFERRED_LAYERS:
+            return "deferred"
+        if module.split(".")[0] in ("transformers", "transformers_modules"):  # vLLM's Transformers backend
+            return "stream"
+        raise SaeServeError(f"sae_serve does not support {self.architecture} yet: its decoder layer {name} "
+                            f"({module}) is not one whose output sae_serve knows how to read (vLLM's "
+                            f"{', '.join(sorted(DEFERRED_LAYERS))}, or transformers' layers through vLLM's "
+                            "Transformers backend, --model-impl transformers)")
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -63,25 +86,12 @@ def decoder_stack(model: nn.Module, architecture: str) -> DecoderStack:
         raise SaeServeError(f"sae_serve cannot find the decoder layers of {architecture} ({type(text).__name__} "
                             "has no model.layers)")
     owned = frozenset(i for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer")
-    first = min(owned, default=0)
-    return DecoderStack(architecture, layers, _returns(architecture, layers[first]), owned)
+    return DecoderStack(architecture, layers, owned)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """A transformers model's decoder layers (training, evaluation and the reference engine hook them)."""
     return decoder_stack(model, type(model).__name__).layers
-
-
-def _returns(architecture: str, layer: nn.Module) -> Returns:
-    module = type(layer).__module__
-    params = list(inspect.signature(type(layer).forward).parameters)
-    if module.startswith("vllm.") and params[1:4] == ["positions", "hidden_states", "residual"]:
-        return "deferred"
-    if module.startswith("transformers."):
-        return "stream"
-    raise SaeServeError(f"sae_serve does not support {architecture}: its decoder layer {type(layer).__name__} "
-                        f"({module}) returns neither (hidden, residual) like vLLM's Llama nor the stream like "
-                        "transformers' layers, so the residual stream cannot be located")
 
 
 def _attr_path(obj: Any, path: str) -> Any:

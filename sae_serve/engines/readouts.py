@@ -53,16 +53,16 @@ class ReadoutStore:
         entry = self._entries.setdefault(key, _Entry())
         if entry.error is not None:
             return
-        values = acts.indices.numel()
-        if entry.values + values > self.max_values:
-            self.fail(key, f"the readout exceeds this server's limit of {self.max_values} values per request "
-                           "(config limits.max_readout_values)")
-            return
         chunks = entry.chunks.setdefault(sae, [])
         if chunks and acts.positions.numel() and chunks[-1].positions[-1] >= acts.positions[0]:
             # Positions computed again (a preempted request recomputes its tokens): the new rows count.
             self._truncate(entry, sae, int(acts.positions[0]))
             chunks = entry.chunks[sae]
+        values = acts.indices.numel()
+        if entry.values + values > self.max_values:
+            self.fail(key, f"the readout exceeds this server's limit of {self.max_values} values per request "
+                           "(config limits.max_readout_values)")
+            return
         chunks.append(acts)
         entry.values += values
         entry.nbytes += _nbytes(acts)

@@ -100,15 +100,25 @@ def replays_cuda_graphs(runner: Any) -> bool:
     return torch.device(runner.device).type == "cuda" and mode is not None and mode.name != "NONE"
 
 
-def check_layout(parallel: Any) -> None:
+def check_layout(vllm_config: Any) -> None:
     """Refuse what would steer the wrong rows or lose readouts: micro-batching (the op would see a
-    slice of the rows it planned) and data parallelism (the API reaches one engine's workers)."""
-    if getattr(parallel, "use_ubatching", False):
-        raise SaeServeError("sae_serve does not support vLLM's micro-batching (--enable-dbo / ubatch_size > 1): "
-                            "each micro-batch would see rows planned for the whole step")
-    if getattr(parallel, "data_parallel_size", 1) > 1:
-        raise SaeServeError("sae_serve does not support data parallelism yet (--data-parallel-size > 1): run one "
-                            "server per replica")
+    slice of the rows it planned), prefill context parallelism and sequence parallelism (a rank
+    holds a slice of a step's tokens, or of the stream) and data parallelism (the API reaches one
+    engine's workers)."""
+    parallel = vllm_config.parallel_config
+    pass_config = getattr(vllm_config.compilation_config, "pass_config", None)
+    refused = {
+        "micro-batching (--enable-dbo / ubatch_size > 1)": getattr(parallel, "use_ubatching", False),
+        "prefill context parallelism (--prefill-context-parallel-size > 1)":
+            getattr(parallel, "prefill_context_parallel_size", 1) > 1,
+        "sequence parallelism (compilation pass_config.enable_sp)": getattr(pass_config, "enable_sp", False),
+        "data parallelism (--data-parallel-size > 1; run one server per replica)":
+            getattr(parallel, "data_parallel_size", 1) > 1,
+    }
+    for what, on in refused.items():
+        if on:
+            raise SaeServeError(f"sae_serve does not support {what}: the steering op must see every token of "
+                                "a step and the whole residual stream")
 
 
 def _first_rank() -> bool:
@@ -129,7 +139,7 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     config = runner_config(runner)
     if config is None or not config.saes:
         return None
-    check_layout(runner.vllm_config.parallel_config)
+    check_layout(runner.vllm_config)
     model_config = runner.model_config
     stack = decoder_stack(runner.get_model(), model_config.architecture)
     registry = build_registry(config, dtype=model_config.dtype)
@@ -139,6 +149,7 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     if not local:
         logger.info("sae_serve: no SAE reads a layer of this pipeline stage")
         return None
+    returns = {name: stack.returns(layers[name]) for name in local}  # refuses an unknown layer before any change
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     reports = _first_rank()
@@ -151,9 +162,9 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     _prepare_ops(runtime, runner, config)
     for name in sorted(local):
         loaded = runtime.registry.saes[name]
-        stack.layers[layers[name]] = SteeredDecoderLayer(stack.layers[layers[name]], bind_site(runtime, loaded),
-                                                         stack.returns)
-        logger.info("sae_serve: SAE %r (%d features) on layer %d", name, loaded.sae.d_sae, layers[name])
+        index = layers[name]
+        stack.layers[index] = SteeredDecoderLayer(stack.layers[index], bind_site(runtime, loaded), returns[name])
+        logger.info("sae_serve: SAE %r (%d features) on layer %d", name, loaded.sae.d_sae, index)
     return runtime
 
 

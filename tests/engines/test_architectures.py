@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -71,8 +72,8 @@ def engines(request, tmp_path_factory, default_model_dir):
     folder = build_checkpoint(request.param, tmp_path_factory.mktemp(request.param), default_model_dir)
     config = _config(tmp_path_factory)
     want = _reference_generations(folder, config)
-    llm = SteeredLLM(folder, config, config_dir=tmp_path_factory.mktemp("c"), enforce_eager=True,
-                     dtype="float32", max_model_len=512, **ENGINE_KWARGS.get(request.param, {}))
+    llm = SteeredLLM(folder, config, config_dir=tmp_path_factory.mktemp("c"), dtype="float32", max_model_len=512,
+                     **{"enforce_eager": True, **ENGINE_KWARGS.get(request.param, {})})
     yield request.param, llm, want
     del llm.llm
     gc.collect()
@@ -124,7 +125,7 @@ def test_transformers_layouts_are_found() -> None:
         "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 1,
         "image_size": 28, "patch_size": 14}))
     stack = decoder_stack(llava, "LlavaForConditionalGeneration")
-    assert stack.layers is llava.model.language_model.layers and stack.returns == "stream"
+    assert stack.layers is llava.model.language_model.layers and stack.returns(1) == "stream"
 
 
 def test_an_unknown_layout_is_refused_by_name() -> None:
@@ -133,3 +134,19 @@ def test_an_unknown_layout_is_refused_by_name() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2))
     with pytest.raises(SaeServeError, match="GPT2LMHeadModel"):
         decoder_stack(gpt2, "GPT2LMHeadModel")
+
+
+def test_a_vllm_layer_not_audited_is_refused_by_name() -> None:
+    """Cohere's layer has Llama's signature but returns (stream, an earlier residual): the
+    signature alone would steer the wrong tensor."""
+
+    class CohereDecoderLayer(nn.Module):
+        def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor) -> tuple:
+            return hidden_states, residual
+
+    CohereDecoderLayer.__module__ = "vllm.model_executor.models.commandr"
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([CohereDecoderLayer()])
+    with pytest.raises(SaeServeError, match="CohereForCausalLM yet: its decoder layer CohereDecoderLayer"):
+        decoder_stack(model, "CohereForCausalLM").returns(0)

@@ -19,6 +19,7 @@ from sae_serve.config import SaeServeConfig
 from sae_serve.engines import vllm_site
 from sae_serve.engines.protocol import admit, merge_replies
 from sae_serve.engines.vllm_runtime import StepBatch
+from sae_serve.errors import SaeServeError
 from sae_serve.sae.formats import save_sae
 from sae_serve.sae.registry import SaeEntry
 from sae_serve.steering.spec import RequestSpec
@@ -28,15 +29,16 @@ pytestmark = pytest.mark.vllm
 D, LAYERS = 16, 4
 
 
-class StageLayer(nn.Module):
-    """Stands for one of vLLM's decoder layers: same signature, same (hidden, residual) return."""
+class LlamaDecoderLayer(nn.Module):
+    """Stands for vLLM's Llama decoder layer (named as it is, which the adapter reads): same
+    signature, same (hidden, residual) return."""
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return hidden_states * 0.5, hidden_states if residual is None else residual + hidden_states
 
 
-StageLayer.__module__ = "vllm.model_executor.models.stand_in"  # what the adapter reads to recognise vLLM's layers
+LlamaDecoderLayer.__module__ = "vllm.model_executor.models.llama"
 
 
 def _stage_runner(owned: range, config: SaeServeConfig) -> SimpleNamespace:
@@ -44,7 +46,7 @@ def _stage_runner(owned: range, config: SaeServeConfig) -> SimpleNamespace:
 
     model = nn.Module()
     model.model = nn.Module()
-    model.model.layers = nn.ModuleList([StageLayer() if i in owned else PPMissingLayer() for i in range(LAYERS)])
+    model.model.layers = nn.ModuleList([LlamaDecoderLayer() if i in owned else PPMissingLayer() for i in range(LAYERS)])
     vllm_config = SimpleNamespace(
         additional_config={"sae_serve": config.model_dump(mode="json")}, parallel_config=SimpleNamespace(),
         scheduler_config=SimpleNamespace(max_num_batched_tokens=64, max_num_seqs=8),
@@ -105,3 +107,19 @@ def test_a_readout_comes_back_once_from_the_stage_that_ran_it(config) -> None:
     reply = replies[request.key]
     assert reply.error is None and set(reply.features) == {"late"}
     assert reply.features["late"].positions == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), [
+    ("prefill_context_parallel_size", 2, "prefill context parallelism"),
+    ("data_parallel_size", 2, "data parallelism"),
+    ("use_ubatching", True, "micro-batching"),
+])
+def test_layouts_that_split_a_steps_tokens_are_refused_by_name(field: str, value: object, named: str) -> None:
+    vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(**{field: value}),
+                                  compilation_config=SimpleNamespace())
+    with pytest.raises(SaeServeError, match=named):
+        vllm_site.check_layout(vllm_config)
+    sequence_parallel = SimpleNamespace(parallel_config=SimpleNamespace(),
+                                        compilation_config=SimpleNamespace(pass_config=SimpleNamespace(enable_sp=True)))
+    with pytest.raises(SaeServeError, match="sequence parallelism"):
+        vllm_site.check_layout(sequence_parallel)

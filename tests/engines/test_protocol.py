@@ -117,3 +117,7 @@ def test_positions_computed_again_replace_the_earlier_rows() -> None:
     assert store.nbytes == 7 * (8 + 4 + 8)  # positions int64, indices int64, values float32
     reply = store.pop("k").features["s"]
     assert reply.positions == list(range(7)) and reply.values == [[1.0]] * 3 + [[2.0]] * 4
+    full = ReadoutStore(max_values=6, ttl_s=5)  # at the limit, a recomputation still fits
+    full.add("k", "s", _acts(6, k=1))
+    full.add("k", "s", _acts(6, k=1, value=3.0))
+    assert full.pop("k").features["s"].values == [[3.0]] * 6

@@ -98,6 +98,9 @@ FAMILIES: dict[str, Callable[[], object]] = {
 ENGINE_KWARGS: dict[str, dict[str, object]] = {
     # vLLM serves the language model alone (text requests; no vision tower, no image processor).
     "paligemma": {"language_model_only": True},
+    # Compiled, so the stream path (transformers' layers) runs under torch.compile too; vLLM's own
+    # layers are compiled in test_vllm_plugin.py.
+    "olmo2": {"enforce_eager": False},
 }
 
 
@@ -108,7 +111,7 @@ def build_checkpoint(family: str, folder: Path, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
     FAMILIES[family]().save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if family in ENGINE_KWARGS:
+    if family == "paligemma":
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.save_pretrained(folder)
     return folder
