@@ -22,9 +22,11 @@ if __name__ == "__main__":
 def test_vllm_cpu_answers_paris(default_model_dir: Path, tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # Plain vLLM: no SAE config (an earlier SteeredLLM in this process may have set one).
+    env = {**{k: v for k, v in os.environ.items() if k != "SAE_SERVE_CONFIG"},
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run([sys.executable, str(script), str(default_model_dir)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env}, cwd=tmp_path)
+                          text=True, timeout=300, env=env, cwd=tmp_path)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("COMPLETION=")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     assert lines[0].removeprefix("COMPLETION=").startswith("' Paris"), lines[0]
