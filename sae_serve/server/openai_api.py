@@ -178,6 +178,10 @@ class SaeServeEndpoints:
             except SpecError as exc:
                 return _error(404, str(exc), exc.field)
 
+        from sae_serve.server.ui import attach_ui
+
+        attach_ui(app)
+
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = config_from_env()
         if config is None or envs.deployment_secret() is None:
