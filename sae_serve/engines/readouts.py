@@ -70,15 +70,11 @@ class ReadoutStore:
     @staticmethod
     def _truncate(entry: _Entry, sae: str, position: int) -> None:
         """Drop ``sae``'s rows at ``position`` and after."""
-        kept = []
-        for chunk in entry.chunks[sae]:
-            entry.values -= chunk.indices.numel()
-            entry.nbytes -= _nbytes(chunk)
-            keep = chunk.positions < position
-            if keep.any():
-                kept.append(FeatureActivations(*(t[keep] for t in chunk)))
-                entry.values += kept[-1].indices.numel()
-                entry.nbytes += _nbytes(kept[-1])
+        old = entry.chunks[sae]
+        kept = [c for c in (FeatureActivations(*(t[c.positions < position] for t in c)) for c in old)
+                if c.positions.numel()]
+        entry.values += sum(c.indices.numel() for c in kept) - sum(c.indices.numel() for c in old)
+        entry.nbytes += sum(map(_nbytes, kept)) - sum(map(_nbytes, old))
         entry.chunks[sae] = kept
 
     def fail(self, key: str, error: str) -> None:

