@@ -144,6 +144,20 @@ def test_saes_and_feature_cards(server) -> None:
     assert "steering" in json.dumps(schema["components"]["schemas"])
 
 
+def test_the_explorers_catalog_routes_refuse_bad_input(server) -> None:
+    """The routes /ui reads: a search and a feature's examples; bad input is refused, naming it."""
+    base = server.base
+    status, found = _get(base + "/v1/features/layer15?q=non-english&limit=3")
+    assert status == 200 and found["data"][0]["feature"] == 4563 and len(found["data"]) <= 3
+    status, err = _get(base + "/v1/features/nope?q=x")
+    assert status == 404 and err["error"]["param"] == "sae"
+    status, err = _get(base + "/v1/features/layer15/99999/examples")
+    assert status == 404 and err["error"]["param"] == "feature"
+    for query in ("limit=0", "limit=many", "limit=100000", "q=" + "x" * 201):
+        status, err = _get(base + f"/v1/features/layer15?{query}")
+        assert status == 400 and err["error"]["param"] == "query." + query.split("=")[0], (query, err)
+
+
 def test_metrics_on_the_shared_endpoint(server, client) -> None:
     base = server.base
     c, model = client
