@@ -23,6 +23,16 @@ def grpc_address() -> tuple[str, int] | None:
     return (os.environ.get("SAE_SERVE_GRPC_HOST", "127.0.0.1"), int(port)) if port else None
 
 
+GRPC_RESERVATION_VAR = "SAE_SERVE_GRPC_RESERVED_FD"
+
+
+def grpc_reservation() -> int | None:
+    """SAE_SERVE_GRPC_RESERVED_FD: a socket `sae-serve serve` bound to the gRPC port before vLLM
+    started, so that none of vLLM's own ports can take it; the gRPC server closes it once bound."""
+    fd = os.environ.get(GRPC_RESERVATION_VAR)
+    return int(fd) if fd else None
+
+
 def vllm_api_key() -> str | None:
     """vLLM's own VLLM_API_KEY (the HTTP key when --api-key is not given), which gRPC takes too."""
     return os.environ.get("VLLM_API_KEY") or None

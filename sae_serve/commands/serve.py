@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -82,9 +83,30 @@ def grpc_port(args: argparse.Namespace) -> int:
     return args.port + 1 if args.grpc_port is None else args.grpc_port
 
 
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) ``host:port`` with SO_REUSEPORT, as gRPC binds: the gRPC server starts only
+    after vLLM's engine, which meanwhile opens ports of its own that could otherwise take this one."""
+    from sae_serve.errors import SaeServeError
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    reservation = socket.socket(family, kind, proto)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reservation.bind(address)
+    except OSError as exc:
+        reservation.close()
+        raise SaeServeError(f"--grpc-port {port}: cannot bind {host}:{port} ({exc.strerror})") from exc
+    reservation.set_inheritable(True)
+    return reservation
+
+
 def run(args: argparse.Namespace) -> int:
+    from sae_serve import envs
+
     cmd, env = server_command(args)
-    if not grpc_port(args):
+    if grpc_port(args):
+        env[envs.GRPC_RESERVATION_VAR] = str(reserve_port(args.host, grpc_port(args)).detach())
+    else:
         del env["SAE_SERVE_GRPC_PORT"]
     print(f"sae-serve: HTTP (OpenAI API, /v1/saes) on http://{args.host}:{args.port}, "
           f"metrics on http://{args.host}:{args.port}/metrics"

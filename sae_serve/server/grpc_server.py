@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sae_serve import envs
 from sae_serve.engines.vllm_releases import client_error
 from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.grpc_stubs import load
@@ -259,6 +261,9 @@ async def start_grpc(service: SteeringService, engine_client: Any, host: str, po
     names = (pb.DESCRIPTOR.services_by_name["SaeServe"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     server.add_insecure_port(f"{host}:{port}")
+    if (reservation := envs.grpc_reservation()) is not None:
+        os.close(reservation)  # gRPC holds the port now
+        del os.environ[envs.GRPC_RESERVATION_VAR]
     await server.start()
     for name in ("", names[0]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
