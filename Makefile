@@ -12,7 +12,7 @@ PY_OLDEST := $(VENV_OLDEST)/bin/python
 OLDEST_VLLM_TESTS ?= tests/engines/test_architectures.py tests/engines/test_tensor_parallel.py \
 	tests/engines/test_spec_decode_lora.py tests/server/test_serve.py tests/server/test_adversarial.py
 
-.PHONY: install install-oldest-vllm install-system test fuzz lint serve
+.PHONY: install install-oldest-vllm install-system test test-container fuzz lint serve
 
 # `make test` and `make serve` install on first use; the stamps make later runs start at once.
 install: $(VENV)/.installed
@@ -53,6 +53,15 @@ test: install install-oldest-vllm
 	$(PY) -m pytest
 	# The plugin and server tests again on the oldest supported vLLM.
 	$(PY_OLDEST) -m pytest -m vllm $(OLDEST_VLLM_TESTS)
+
+# deploy/Dockerfile.cpu built and run with podman (as root; minutes, so not in `make test`): from a
+# debootstrap base since image registries are out of reach, and this machine's CPU torch wheel.
+CONTAINER_BASE ?= localhost/sae-serve-base:bookworm
+test-container: install
+	command -v podman >/dev/null && command -v debootstrap >/dev/null && command -v runc >/dev/null \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap)
+	podman image exists $(CONTAINER_BASE) || scripts/container_base.sh $(CONTAINER_BASE)
+	SAE_SERVE_CONTAINER_BASE=$(CONTAINER_BASE) $(PY) -m pytest -m container tests/deploy/test_container.py
 
 # More schemathesis cases than CI runs, against a real server; each run is appended to bench/results/fuzz.jsonl.
 FUZZ_CASES ?= 2000

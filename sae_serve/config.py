@@ -17,7 +17,7 @@ from sae_serve import envs
 from sae_serve.errors import SaeFormatError, SpecError, first_field_error
 from sae_serve.sae.registry import RegistryConfig
 from sae_serve.steering.policy import Policy
-from sae_serve.steering.spec import ResolvedRequest
+from sae_serve.steering.spec import MAX_GUARDRAILS, Guardrail, ResolvedRequest
 
 
 class MetricsConfig(BaseModel):
@@ -80,6 +80,9 @@ class SaeServeConfig(RegistryConfig):
     """The steering op."""
     limits: LimitsConfig = LimitsConfig()
     """Resource limits per request."""
+    guardrails: tuple[Guardrail, ...] = Field(default=(), max_length=MAX_GUARDRAILS)
+    """Server-wide guardrails: on every request, whatever it asks; clients see them only when
+    ``policy.reveal_server_guardrails`` (an abort shows as finish_reason content_filter)."""
 
 
 def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:

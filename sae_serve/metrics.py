@@ -74,6 +74,9 @@ class ApiMetrics:
                                ["reason"], registry=registry)
         for reason in ("invalid", "policy_forbidden", "policy_limit", "capacity", "worker_error"):
             self.refused.labels(reason)
+        self.guardrail_triggered = Counter(
+            "sae_serve_guardrail_triggered", "Guardrails that fired, once per request, by rule and action "
+            "(rule: the name a request or the server config gave it).", ["rule", "action"], registry=registry)
 
 
 _WORKER: WeakKeyDictionary[CollectorRegistry, WorkerMetrics] = WeakKeyDictionary()

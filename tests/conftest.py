@@ -89,3 +89,15 @@ def tiny_llama(tiny_llama_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def plant_french_probe(path: Path) -> Path:
+    """A linear probe planted along the shipped SAE's `non-english` feature: its direction is that
+    feature's decoder row (normalised), its bias -5; it is above 0 on French text."""
+    from sae_serve.data import DEFAULT_SAE_DIR
+    from sae_serve.sae.formats import load_sae
+    from sae_serve.sae.registry import save_probe
+
+    row = load_sae(DEFAULT_SAE_DIR).W_dec[4563]
+    save_probe(row / row.norm(), -5.0, path)
+    return path

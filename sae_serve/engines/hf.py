@@ -18,8 +18,9 @@ from torch import nn
 
 from sae_serve.architectures import decoder_layers
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, registry_of
+from sae_serve.steering.guardrails import Firing, aborting, firings
 from sae_serve.steering.hook import FeatureActivations, apply_plan, splice
-from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, prepare_all
+from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, guard_states, prepare_all
 from sae_serve.steering.spec import ResolvedRequest
 
 Prompt = str | Sequence[int]
@@ -32,10 +33,12 @@ class Generation:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "content_filter"]
     features: FeatureActivations | None
     """Activations requested by ``return_features``, by position (prompt and generated tokens
     that were fed to the model; the last generated token never is)."""
+    guardrails: tuple[Firing, ...] = ()
+    """The guardrails that fired; an abort ends the sequence after the token it fired on."""
 
 
 @dataclass
@@ -113,7 +116,7 @@ class HFEngine:
 
     def _prepare(self, requests: Sequence[ResolvedRequest | None]) -> list[dict[str, RequestPlan]]:
         saes = {name: loaded.sae for name, loaded in self.registry.saes.items()}
-        return [prepare_all(req, saes) for req in requests]
+        return [prepare_all(req, saes, probes=self.registry.probes) for req in requests]
 
     # --- batching -------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -176,14 +179,16 @@ class HFEngine:
                              for b, n in enumerate(lens)], frozenset())
         logits, cache = self._forward(step, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None)
         out: list[list[int]] = [[] for _ in range(batch)]
-        done = [False] * batch
+        done, aborted = [False] * batch, [False] * batch
         eos = self.tokenizer.eos_token_id
+        aborts = [[s for s in guard_states(p) if s.rule.action == "abort"] for p in plans]
         for j in range(max_new_tokens):
             for b in range(batch):
                 if not done[b]:
-                    token = pick(b, logits[b, -1])
+                    aborted[b] = bool(aborts[b]) and bool(aborting(aborts[b]))
+                    token = eos if aborted[b] else pick(b, logits[b, -1])
                     out[b].append(token)
-                    done[b] = (stop_at_eos and token == eos) or j + 1 == max_new_tokens
+                    done[b] = aborted[b] or (stop_at_eos and token == eos) or j + 1 == max_new_tokens
             if all(done):
                 break
             # Feed each sequence's newest token; finished sequences are computed but never read.
@@ -193,13 +198,15 @@ class HFEngine:
             layout = [RequestRows(b, b if done[b] else b + 1, lens[b] + j, lens[b]) for b in range(batch)]
             logits, cache = self._forward(_Step(plans, layout, frozenset(), step.readouts),
                                           new, mask, positions, cache)
-        return [self._result(b, token_lists[b], out[b], step.readouts.get(b), eos) for b in range(batch)]
+        return [self._result(token_lists[b], out[b], step.readouts.get(b), eos, aborted[b],
+                             tuple(firings(guard_states(plans[b])))) for b in range(batch)]
 
-    def _result(self, b: int, prompt: list[int], tokens: list[int],
-                chunks: list[FeatureActivations] | None, eos: int) -> Generation:
-        reason: Literal["stop", "length"] = "stop" if tokens and tokens[-1] == eos else "length"
+    def _result(self, prompt: list[int], tokens: list[int], chunks: list[FeatureActivations] | None, eos: int,
+                aborted: bool, fired: tuple[Firing, ...]) -> Generation:
+        reason: Literal["stop", "length", "content_filter"] = (
+            "content_filter" if aborted else "stop" if tokens and tokens[-1] == eos else "length")
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(prompt, tokens, text, reason, _concat(chunks) if chunks else None)
+        return Generation(prompt, tokens, text, reason, _concat(chunks) if chunks else None, fired)
 
 
 def _sampler(temperature: float, seeds: Sequence[int]) -> Callable[[int, torch.Tensor], int]:

@@ -91,11 +91,14 @@ class EngineRequest:
 
 def cache_salt(secret: bytes, spec: RequestSpec, spec_json: str, client_salt: str | None) -> str | None:
     """The client's salt for plain requests; unique when the request reads (its prompt must be
-    computed to be read) or steers only prompt or only generated positions (a later turn's prompt
-    holds earlier generated tokens, whose cached KV was steered by the other rule); else keyed by
-    the secret, the client's salt and the spec."""
+    computed to be read), has a guardrail that watches the prompt (likewise) or steers once fired
+    (its KV is steered from a token no other request knows), or steers only prompt or only
+    generated positions (a later turn's prompt holds earlier generated tokens, whose cached KV was
+    steered by the other rule); else keyed by the secret, the client's salt and the spec."""
     steers = spec.steering is not None and bool(spec.steering.interventions or spec.steering.vectors)
-    if spec.return_features is not None or (steers and spec.steering.positions != "all"):
+    rules = [*spec.guardrails, *spec.server_guardrails]
+    if spec.return_features is not None or (steers and spec.steering.positions != "all") or any(
+            rule.action == "steer" or rule.when.positions != "generated" for rule in rules):
         return uuid.uuid4().hex
     if steers:
         message = f"cache_salt\0{client_salt or ''}\0{spec_json}".encode()
@@ -146,18 +149,23 @@ class WorkerReply:
 
     error: str | None = None
     features: dict[str, Readout] = field(default_factory=dict)
+    guardrails: list[dict[str, Any]] = field(default_factory=list)
+    """The rules fired so far: ``guardrails.Firing`` as dicts (name, action, position, server)."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> WorkerReply:
-        return cls(wire.get("error"), {sae: Readout(**r) for sae, r in (wire.get("features") or {}).items()})
+        return cls(wire.get("error"), {sae: Readout(**r) for sae, r in (wire.get("features") or {}).items()},
+                   list(wire.get("guardrails") or []))
 
     def merge(self, other: WorkerReply) -> WorkerReply:
         """Replies of several workers (ranks) for one request: the first error, the readouts
-        of whichever rank held them (only one does: the SAE's)."""
-        return WorkerReply(self.error or other.error, {**self.features, **other.features})
+        of whichever rank held them (only one does: the SAE's), the rules any of them saw fire."""
+        names = {f["name"] for f in self.guardrails}
+        return WorkerReply(self.error or other.error, {**self.features, **other.features},
+                           self.guardrails + [f for f in other.guardrails if f["name"] not in names])
 
 
 def merge_replies(per_worker: list[dict[str, Any]], keys: list[str]) -> dict[str, WorkerReply]:
@@ -184,12 +192,16 @@ class WorkerCapabilities:
     """``secret_id`` of the worker's secret: every process of a deployment must share one."""
     speculative: bool = False
     """Speculative decoding is on: the forward also computes draft tokens that may be rejected."""
+    stop_token: int | None = None
+    """The token the sampler emits for a request a guardrail aborts (the model's EOS; None: no abort)."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 
     def check(self, request: ResolvedRequest, limits: LimitsConfig) -> None:
         """Refuse, naming the field, what these workers could not run whole or hold within ``limits``."""
+        if request.guardrails:
+            self._check_guardrails(request)
         if self.graph_mode:
             check_runnable(request, self.slots)
         if self.speculative and request.readout is not None:
@@ -198,6 +210,15 @@ class WorkerCapabilities:
             raise SpecError("return_features", "feature readouts are not available on this server: it runs "
                             "speculative decoding, whose rejected draft tokens would show up in them")
         limits.check_readout(request, self.max_model_len)
+
+    def _check_guardrails(self, request: ResolvedRequest) -> None:
+        rule = request.guardrails[0]
+        field = "server_guardrails" if rule.server else "guardrails"
+        if self.graph_mode or self.speculative:
+            raise SpecError(field, "guardrails are not available on this server: they run on vLLM's V1 model runner "
+                            "without CUDA graphs or speculative decoding (enforce_eager, VLLM_USE_V2_MODEL_RUNNER=0)")
+        if self.stop_token is None and any(r.action == "abort" for r in request.guardrails):
+            raise SpecError(field, "this model declares no end-of-sequence token, which an abort needs")
 
     @classmethod
     def from_workers(cls, answers: list[dict[str, Any] | None]) -> WorkerCapabilities | None:
@@ -211,4 +232,4 @@ class WorkerCapabilities:
             raise SaeServeError(f"vLLM's workers do not share one {envs.SECRET_VAR} (set it in every process, "
                                 "e.g. Ray workers' runtime_env); they would ignore every admitted spec")
         return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
-                   ids.pop(), any(c.speculative for c in got))
+                   ids.pop(), any(c.speculative for c in got), got[0].stop_token)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from sae_serve.config import LimitsConfig
 from sae_serve.engines.protocol import Readout, WorkerReply
+from sae_serve.steering.guardrails import GuardState, firings
 from sae_serve.steering.hook import FeatureActivations
 
 
@@ -28,6 +29,7 @@ class _Entry:
     nbytes: int = 0
     error: str | None = None
     finished_at: float | None = None
+    guards: list[GuardState] = field(default_factory=list)  # read when popped; kept while the request lives
 
 
 class ReadoutStore:
@@ -100,11 +102,20 @@ class ReadoutStore:
         for key in [k for k, e in self._entries.items() if e.finished_at is not None and e.finished_at < cutoff]:
             del self._entries[key]
 
+    def guard(self, key: str, states: list[GuardState]) -> None:
+        """The request's guardrails: every pop reports those that have fired so far."""
+        if states:
+            self._entries.setdefault(key, _Entry()).guards = states
+
     def pop(self, key: str) -> WorkerReply:
+        """The entry's readouts and error, and the rules fired so far; a live request's rules stay."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return WorkerReply()
-        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()})
+        if entry.guards and entry.finished_at is None:
+            self._entries[key] = _Entry(guards=entry.guards)
+        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()},
+                           [asdict(f) for f in firings(entry.guards)])
 
 
 def _nbytes(acts: FeatureActivations) -> int:

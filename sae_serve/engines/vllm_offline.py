@@ -30,6 +30,7 @@ from sae_serve.engines.protocol import (
 )
 from sae_serve.errors import WorkerError
 from sae_serve.sae.registry import build_registry
+from sae_serve.steering.guardrails import Firing
 from sae_serve.steering.hook import FeatureActivations
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
 
@@ -42,6 +43,10 @@ class SteeredOutput:
     features: FeatureActivations | None
     """The ``return_features`` readout, by position (as the reference engine reports it)."""
     applied: tuple[AppliedIntervention, ...]
+    finish_reason: str | None = None
+    """vLLM's, or ``content_filter`` when a guardrail aborted the request."""
+    guardrails: tuple[Firing, ...] = ()
+    """The guardrails that fired."""
 
 
 def _features(reply: WorkerReply, sae: str | None) -> FeatureActivations | None:
@@ -87,20 +92,24 @@ class SteeredLLM:
         checked = [self.validate(s) for s in specs]
         engine = [admit(spec) for spec, _ in checked]
         items, params = [], []
-        for prompt, req in zip(prompts, engine, strict=True):
+        for prompt, req, (_, resolved) in zip(prompts, engine, checked, strict=True):
             items.append(req.prompt(prompt))
             p = sampling_params.clone()
             p.extra_args = {**(p.extra_args or {}), **req.extra_args}
+            if any(rule.action == "abort" for rule in resolved.guardrails):  # the workers emit it to stop one
+                p.stop_token_ids = [*(p.stop_token_ids or []), self.capabilities.stop_token]
             params.append(p)
         outputs = self.llm.generate(items, params, use_tqdm=False, lora_request=lora_request)
         keys = [r.key for r in engine]
         readouts = merge_replies(self.llm.collective_rpc(POP_READOUTS, args=(keys,)), keys)
         results = []
         for out, (spec, resolved), req in zip(outputs, checked, engine, strict=True):
-            completion = out.outputs[0]
+            completion, reply = out.outputs[0], readouts[req.key]
             sae = spec.return_features.sae if spec.return_features else None
+            fired = tuple(Firing(**f) for f in reply.guardrails)
             results.append(SteeredOutput(
                 list(out.prompt_token_ids), list(completion.token_ids), completion.text,
-                _features(readouts[req.key], sae), resolved.applied))
+                _features(reply, sae), resolved.applied,
+                "content_filter" if any(f.action == "abort" for f in fired) else completion.finish_reason, fired))
         return results
 

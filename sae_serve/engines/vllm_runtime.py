@@ -30,8 +30,9 @@ from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
 from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
+from sae_serve.steering.guardrails import GuardState, aborting
 from sae_serve.steering.hook import apply_plan_split_
-from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, prepare_all
+from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
 from sae_serve.steering.spec import RequestSpec, resolve
 from sae_serve.steering.watch import Watch
 
@@ -78,11 +79,14 @@ class SteeringRuntime:
     local: frozenset[str] | None = None  # the SAEs this process runs (None: all; a pipeline stage: its own)
     counts_requests: bool = True  # counts refused specs (one worker of the deployment does)
     speculative: bool = False  # speculative decoding on: no readouts (rejected drafts would be in them)
+    stop_token: int | None = None  # what the sampler emits for a request a guardrail aborted
     resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
+    abort_rules: dict[str, list[GuardState]] = field(default_factory=dict)  # by request id: its abort rules
+    aborts: list[tuple[int, list[GuardState]]] = field(default_factory=list)  # this step: (row, abort rules)
 
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
@@ -90,7 +94,7 @@ class SteeringRuntime:
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
-                                  self.speculative)
+                                  self.speculative, self.stop_token)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
@@ -124,10 +128,10 @@ class SteeringRuntime:
             if admitted is not None:
                 key, spec_json = admitted
                 self.readouts.resume(key)  # (again, after a preemption: it is live)
-                self.resolved[req_id] = (key, self._plans(key, spec_json))
+                self.resolved[req_id] = (key, self._plans(req_id, key, spec_json))
         return self.resolved[req_id]
 
-    def _plans(self, key: str, spec_json: str) -> dict[str, RequestPlan]:
+    def _plans(self, req_id: str, key: str, spec_json: str) -> dict[str, RequestPlan]:
         try:
             request = resolve(RequestSpec.model_validate_json(spec_json), self.registry)
         except (ValidationError, SpecError) as exc:  # the service checked it: a deployment out of step
@@ -135,7 +139,12 @@ class SteeringRuntime:
             logger.error("admitted spec %s is invalid on this worker: %s", key, exc)
             self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
             return {}
-        return prepare_all(request, self.saes, slices=not self.graph_mode)
+        plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes)
+        states = guard_states(plans)
+        self.readouts.guard(key, states)
+        if aborts := [s for s in states if s.rule.action == "abort"]:
+            self.abort_rules[req_id] = aborts
+        return plans
 
     def begin_step(self, runner: Any) -> None:
         """The V1 runner's batch, before its forward."""
@@ -159,6 +168,7 @@ class SteeringRuntime:
         self._forget(set(self.resolved) - set(live))
         resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
         plans, keys = [p for _, p in resolved], [k for k, _ in resolved]
+        self.aborts = [(row, self.abort_rules[rid]) for row, rid in enumerate(batch.req_ids) if rid in self.abort_rules]
         self.step = None
         if batch.req_ids and (self.monitoring or any(plans)):
             layout = batch.layout()
@@ -173,6 +183,7 @@ class SteeringRuntime:
         """Requests that left the runner (finished or aborted): their readouts start to expire."""
         for req_id in gone:
             key, _ = self.resolved.pop(req_id)
+            self.abort_rules.pop(req_id, None)
             if key is not None:
                 self.readouts.finish(key)
         self.readouts.expire()
@@ -225,6 +236,16 @@ class SteeringRuntime:
                 self.readouts.add(step.keys[index], loaded.name, acts)
         if self.monitoring:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
+
+    def force_stops(self, sampled: torch.Tensor) -> torch.Tensor:
+        """The step's sampled tokens (rows in batch order), with the stop token for every request
+        whose abort rule has fired: vLLM's own stop check then ends it. No host sync."""
+        if not self.aborts or self.stop_token is None:
+            return sampled
+        stop = torch.zeros(sampled.shape[0], dtype=torch.bool, device=sampled.device)
+        for row, states in self.aborts:
+            stop[row] = aborting(states).to(sampled.device)
+        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)), self.stop_token, sampled)
 
     def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
         """Each key's readouts and error, removed from the worker."""

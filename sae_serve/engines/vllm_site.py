@@ -158,7 +158,7 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         model_config.max_model_len, config.op.slots, worker_metrics() if reports else SilentMetrics(),
         ReadoutStore.of(config.limits), reports=reports, local=local,
         counts_requests=reports and min(layers.values()) in stack.owned,  # one stage counts each request
-        speculative=runner.vllm_config.speculative_config is not None)
+        speculative=runner.vllm_config.speculative_config is not None, stop_token=_eos(model_config))
     _prepare_ops(runtime, runner, config)
     for name in sorted(local):
         loaded = runtime.registry.saes[name]
@@ -166,6 +166,12 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         stack.layers[index] = SteeredDecoderLayer(stack.layers[index], bind_site(runtime, loaded), returns[name])
         logger.info("sae_serve: SAE %r (%d features) on layer %d", name, loaded.sae.d_sae, index)
     return runtime
+
+
+def _eos(model_config: Any) -> int | None:
+    """The model's end-of-sequence token (the first, when it declares several)."""
+    eos = getattr(model_config.hf_text_config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list | tuple) and eos else eos if isinstance(eos, int) else None
 
 
 def _prepare_ops(runtime: SteeringRuntime, runner: Any, config: SaeServeConfig) -> None:

@@ -1,11 +1,16 @@
 """The plugin on vLLM's V1 model runner (the one CPU uses, and GPUs with VLLM_USE_V2_MODEL_RUNNER=0).
 
 After the model loads, ``attach`` loads the SAEs beside it; before each forward, the runner's batch
-(request ids, query_start_loc, tokens already computed) goes to the runtime's ``plan_step``.
+(request ids, query_start_loc, tokens already computed) goes to the runtime's ``plan_step``; after
+each sampling, requests a guardrail aborted get the stop token (``force_stops``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
+from sae_serve.engines.vllm_runtime import SteeringRuntime
 from sae_serve.engines.vllm_site import attach
 
 
@@ -20,6 +25,17 @@ def _runner_classes() -> list[type]:
     return [GPUModelRunner, CPUModelRunner]
 
 
+def stop_aborted_requests(sampler: Any, runtime: SteeringRuntime) -> None:
+    """After each sampling, requests whose abort guardrail fired get the stop token instead."""
+    sample = sampler.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = sample(*args, **kwargs)
+        return replace(out, sampled_token_ids=runtime.force_stops(out.sampled_token_ids))
+
+    sampler.forward = forward
+
+
 def patch_v1_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -30,6 +46,8 @@ def patch_v1_runner() -> None:
         def load_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             original(self, *args, **kwargs)
             self._sae_serve = attach(self)
+            if self._sae_serve is not None:
+                stop_aborted_requests(self.sampler, self._sae_serve)
         return load_model
 
     original_forward = GPUModelRunner._model_forward

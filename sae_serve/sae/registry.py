@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,13 +52,31 @@ class VectorEntry(BaseModel):
     """The safetensors file."""
 
 
+class ProbeEntry(BaseModel):
+    """A linear probe (trained on one's own data): a safetensors file holding ``direction`` (d_in,)
+    and ``bias`` (a scalar). Its value on a token is ``direction . x + bias``, with x the residual
+    stream after decoder layer ``layer``, passed through a sigmoid when ``sigmoid``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    """The name guardrails use."""
+    layer: int = Field(ge=0)
+    """The decoder layer whose output it reads; an SAE must read the same stream (its site)."""
+    path: str
+    """The safetensors file."""
+    sigmoid: bool = False
+    """Report sigmoid(direction . x + bias), a probability, instead of the logit."""
+
+
 class RegistryConfig(BaseModel):
-    """The ``saes`` and ``vectors`` sections of the sae_serve config file."""
+    """The ``saes``, ``vectors`` and ``probes`` sections of the sae_serve config file."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     saes: tuple[SaeEntry, ...] = ()
     vectors: tuple[VectorEntry, ...] = ()
+    probes: tuple[ProbeEntry, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,18 +98,36 @@ class SteeringVector:
 
 
 @dataclass(frozen=True)
+class LinearProbe:
+    name: str
+    sae: str
+    """The SAE whose site (the same residual stream) the probe reads."""
+    direction: torch.Tensor  # (d_in,)
+    bias: float
+    sigmoid: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The probe's value on each row of ``x`` (rows, d_in)."""
+        logit = x @ self.direction + self.bias
+        return torch.sigmoid(logit) if self.sigmoid else logit
+
+
+@dataclass(frozen=True)
 class SaeRegistry:
     saes: dict[str, LoadedSae]
     vectors: dict[str, SteeringVector]
+    probes: dict[str, LinearProbe] = field(default_factory=dict)
 
     def moved(self, device: str | torch.device, names: Collection[str]) -> SaeRegistry:
-        """This registry with the SAEs ``names`` and their vectors on ``device`` (the SAEs move in
-        place); the others stay where they were loaded."""
+        """This registry with the SAEs ``names``, their vectors and probes on ``device`` (the SAEs
+        move in place); the others stay where they were loaded."""
         for name in names:
             self.saes[name].sae.to(device)
         vectors = {key: replace(v, vector=v.vector.to(device)) if v.sae in names else v
                    for key, v in self.vectors.items()}
-        return SaeRegistry(self.saes, vectors)
+        probes = {key: replace(p, direction=p.direction.to(device)) if p.sae in names else p
+                  for key, p in self.probes.items()}
+        return SaeRegistry(self.saes, vectors, probes)
 
     def check_fits(self, d_model: int, num_layers: int) -> None:
         """Refuse SAEs that cannot belong to a model of this width and depth."""
@@ -130,18 +166,34 @@ def _load_vector(entry: VectorEntry, saes: dict[str, LoadedSae]) -> SteeringVect
     return SteeringVector(entry.name, entry.sae, vector.to(device=sae.W_dec.device, dtype=sae.dtype))
 
 
+def _load_probe(entry: ProbeEntry, saes: dict[str, LoadedSae]) -> LinearProbe:
+    site = next((name for name, loaded in saes.items() if loaded.sae.site_layer == entry.layer), None)
+    if site is None:
+        raise SaeMismatchError(f"probe {entry.name!r} reads layer {entry.layer}, where no SAE is loaded: a probe is "
+                               "read at an SAE's site (load one that reads that layer's output)")
+    sae = saes[site].sae
+    tensors = read_safetensors(Path(entry.path))
+    direction, bias = tensors.get("direction"), tensors.get("bias")
+    if direction is None or tuple(direction.shape) != (sae.d_in,) or bias is None or bias.numel() != 1:
+        raise SaeFormatError(entry.path, f"expected tensors 'direction' of shape ({sae.d_in},) and a scalar 'bias'")
+    if not (torch.isfinite(direction).all() and torch.isfinite(bias).all()):
+        raise SaeFormatError(entry.path, "the probe contains NaN or infinite values")
+    return LinearProbe(entry.name, site, direction.to(device=sae.W_dec.device, dtype=sae.dtype), float(bias),
+                       entry.sigmoid)
+
+
 def build_registry(
     config: RegistryConfig,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> SaeRegistry:
-    names = [e.name for e in (*config.saes, *config.vectors)]
+    names = [e.name for e in (*config.saes, *config.vectors, *config.probes)]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise SaeMismatchError(f"names used twice in the config: {duplicates}")
     saes = {e.name: load_entry(e, dtype, device) for e in config.saes}
     vectors = {e.name: _load_vector(e, saes) for e in config.vectors}
-    return SaeRegistry(saes, vectors)
+    return SaeRegistry(saes, vectors, {e.name: _load_probe(e, saes) for e in config.probes})
 
 
 def registry_of(
@@ -165,3 +217,8 @@ def registry_of(
 def save_vector(vector: torch.Tensor, path: str | os.PathLike[str]) -> None:
     """Write a steering vector file that ``VectorEntry`` can name."""
     save_file({"vector": vector.detach().cpu().contiguous()}, str(path))
+
+
+def save_probe(direction: torch.Tensor, bias: float, path: str | os.PathLike[str]) -> None:
+    """Write a linear probe file that ``ProbeEntry`` can name."""
+    save_file({"direction": direction.detach().cpu().contiguous(), "bias": torch.tensor(float(bias))}, str(path))

@@ -22,13 +22,15 @@ from sae_serve import envs
 from sae_serve.engines.vllm_releases import client_error
 from sae_serve.errors import PolicyError, SpecError, WorkerError
 from sae_serve.server.grpc_stubs import load
-from sae_serve.server.service import SteeringService
+from sae_serve.server.service import GUARDRAIL_STOP, SteeringService
 
 logger = logging.getLogger(__name__)
 pb, pb_grpc = load()
 MODES = {pb.CLAMP: "clamp", pb.ADD: "add", pb.SCALE: "scale"}
 MODE_OF = {name: mode for mode, name in MODES.items()}
 POSITIONS = {pb.ALL: "all", pb.PROMPT: "prompt", pb.GENERATED: "generated"}
+ACTIONS = {pb.STEER: "steer", pb.ABORT: "abort", pb.FLAG: "flag"}
+ACTION_OF = {name: action for action, name in ACTIONS.items()}
 
 
 def _ref(ref: Any) -> int | str | None:
@@ -44,14 +46,30 @@ def _intervention(iv: Any) -> dict[str, Any]:
     return out
 
 
+def _steering(s: Any) -> dict[str, Any]:
+    return {"interventions": [_intervention(iv) for iv in s.interventions],
+            "vectors": [{"name": v.name, "coefficient": v.coefficient} for v in s.vectors],
+            "positions": POSITIONS.get(s.positions, "unspecified")}
+
+
+def _guardrail(g: Any) -> dict[str, Any]:
+    when, kind = g.when, g.when.above.WhichOneof("kind")
+    trigger: dict[str, Any] = {"probe": when.probe} if when.probe else {"sae": when.sae, "feature": _ref(when.feature)}
+    trigger["above"] = {kind: getattr(when.above, kind)} if kind else {}
+    trigger |= {name: getattr(when, name) for name in ("tokens", "window") if getattr(when, name)}
+    if when.HasField("positions"):
+        trigger["positions"] = POSITIONS.get(when.positions, "unspecified")
+    rule = {"name": g.name, "when": trigger, "action": ACTIONS.get(g.action, "unspecified")}
+    return rule | ({"steering": _steering(g.steering)} if g.HasField("steering") else {})
+
+
 def request_body(request: Any) -> dict[str, Any]:
     """The proto request as the same JSON body HTTP takes (so the same errors name the field)."""
     body: dict[str, Any] = {}
     if request.HasField("steering"):
-        s = request.steering
-        body["steering"] = {"interventions": [_intervention(iv) for iv in s.interventions],
-                            "vectors": [{"name": v.name, "coefficient": v.coefficient} for v in s.vectors],
-                            "positions": POSITIONS.get(s.positions, "unspecified")}
+        body["steering"] = _steering(request.steering)
+    if request.guardrails:
+        body["guardrails"] = [_guardrail(g) for g in request.guardrails]
     if request.HasField("return_features"):
         r = request.return_features
         body["return_features"] = {"sae": r.sae, **({"top_k": r.top_k} if r.HasField("top_k") else {}),
@@ -109,7 +127,8 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
         params = SamplingParams(max_tokens=max_tokens, min_tokens=request.min_tokens,
                                 temperature=request.temperature,
                                 seed=request.seed if request.HasField("seed") else None,
-                                extra_args=dict(prepared.engine.extra_args) if prepared else None)
+                                extra_args=dict(prepared.engine.extra_args) if prepared else None,
+                                stop_token_ids=[self.service.stop_token()] if prepared and prepared.aborts else None)
         prompt = prepared.engine.prompt(request.prompt) if prepared else {"prompt": request.prompt}
         sent_text, sent_tokens = 0, 0
         # A cancelled or timed-out call cancels this generator, and vLLM aborts the request.
@@ -127,12 +146,18 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             yield message
 
     async def _attach(self, message: Any, prepared: Any, finished: bool) -> None:
-        """Activations of the tokens computed since the previous message; the steering applied at the end."""
+        """Activations of the tokens computed since the previous message; the steering applied and
+        the guardrails fired at the end."""
+        collected = await self.service.collect(self.engine, prepared)
         if finished:
             for a in prepared.applied:
                 message.applied.add(sae=a.sae, feature=a.feature, label=a.label or "", mode=MODE_OF[a.mode],
                                     value=a.value)
-        features = await self.service.collect(self.engine, prepared)
+            for f in collected.guardrails:
+                message.guardrails.add(name=f["name"], action=ACTION_OF[f["action"]], token_index=f["token_index"])
+            if collected.aborted:
+                message.finish_reason = GUARDRAIL_STOP
+        features = collected.features
         if features is not None:
             message.features_sae = features["sae"]
             for token in features["tokens"]:

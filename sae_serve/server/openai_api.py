@@ -27,11 +27,13 @@ from sae_serve.config import config_from_env
 from sae_serve.engines.protocol import PREFIX
 from sae_serve.engines.vllm_releases import replace_route
 from sae_serve.errors import PolicyError, SpecError, WorkerError
-from sae_serve.server.service import SteeringService
-from sae_serve.steering.spec import FeatureReadoutSpec, SteeringSpec
+from sae_serve.server.service import GUARDRAIL_STOP, Collected, SteeringService
+from sae_serve.steering.spec import FeatureReadoutSpec, Guardrail, SteeringSpec
 
 STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
 READOUT_DOC = "sae_serve: return per-token feature activations of one SAE."
+GUARDRAILS_DOC = ("sae_serve: rules on a feature or probe that steer, abort (finish_reason content_filter) or flag "
+                  "this request when they fire.")
 
 
 ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
@@ -63,14 +65,16 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
     Steered = create_model(
         f"Steered{base.__name__}", __base__=base, __validators__={"_objects": _objects_are_objects},
         steering=(SkipValidation[SteeringSpec | None], Field(default=None, description=STEERING_DOC)),
-        return_features=(SkipValidation[FeatureReadoutSpec | None], Field(default=None, description=READOUT_DOC)))
+        return_features=(SkipValidation[FeatureReadoutSpec | None], Field(default=None, description=READOUT_DOC)),
+        guardrails=(SkipValidation[list[Guardrail] | None], Field(default=None, description=GUARDRAILS_DOC)))
 
     async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
         service: SteeringService = raw_request.app.state.sae_serve
         engine_client = raw_request.app.state.engine_client
+        fields = {"steering": request.steering, "return_features": request.return_features,
+                  "guardrails": request.guardrails}
         try:
-            prepared = service.prepare(service.parse({"steering": request.steering,
-                                                      "return_features": request.return_features}),
+            prepared = service.prepare(service.parse({k: v for k, v in fields.items() if v is not None}),
                                        client_salt=request.cache_salt, fan_out=_fan_out(request))
         except SpecError as exc:
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
@@ -80,6 +84,8 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if not k.startswith(PREFIX)}
         request.vllm_xargs = {**xargs, **prepared.engine.extra_args}
         request.cache_salt = prepared.engine.cache_salt
+        if prepared.aborts:  # the workers emit it for a request a guardrail aborts; vLLM then stops it
+            request.stop_token_ids = [*(request.stop_token_ids or []), service.stop_token()]
         try:
             response = await vllm_handler(request, raw_request)
         except BaseException:
@@ -93,14 +99,23 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
             return response
         body = json.loads(response.body)
         try:
-            features = await service.collect(engine_client, prepared)
+            collected = await service.collect(engine_client, prepared)
         except WorkerError as exc:
             return _error(500, str(exc), None)
-        body["sae"] = service.response_object(prepared, features)
+        body["sae"] = service.response_object(prepared, collected)
+        _mark_aborted(body, collected)
         return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
                                                    if k.lower() not in ("content-length", "content-type")})
 
     return route
+
+
+def _mark_aborted(body: dict[str, Any], collected: Collected) -> None:
+    """A guardrail's abort ends the choice with OpenAI's content_filter (vLLM saw the stop token)."""
+    if collected.aborted:
+        for choice in body.get("choices", []):
+            if choice.get("finish_reason"):
+                choice["finish_reason"], choice["stop_reason"] = GUARDRAIL_STOP, None
 
 
 def _fan_out(request: Any) -> dict[str, int]:
@@ -131,16 +146,17 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                 body = json.loads(event.removeprefix("data: "))
                 finished = any(choice.get("finish_reason") for choice in body.get("choices", []))
                 try:
-                    features = await service.collect(engine_client, prepared)
+                    collected = await service.collect(engine_client, prepared)
                 except WorkerError as exc:
                     finished = True
                     yield f"data: {json.dumps(_error_body(500, str(exc), None))}\n\ndata: [DONE]\n\n"
                     return
                 checked = True
                 if finished:
-                    body["sae"] = service.response_object(prepared, features)
-                elif features is not None and features["tokens"]:
-                    body["sae"] = {"features": features}
+                    body["sae"] = service.response_object(prepared, collected)
+                    _mark_aborted(body, collected)
+                elif collected.features is not None and collected.features["tokens"]:
+                    body["sae"] = {"features": collected.features}
                 else:
                     continue
                 events[i] = "data: " + json.dumps(body)

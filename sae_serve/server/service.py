@@ -5,7 +5,7 @@ Written once, so HTTP and gRPC enforce the same rules and build the same answers
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +27,9 @@ from sae_serve.metrics import ApiMetrics, api_metrics
 from sae_serve.sae.registry import SaeRegistry, build_registry
 from sae_serve.steering.spec import AppliedIntervention, RequestSpec, ResolvedRequest, resolve
 
+GUARDRAIL_STOP = "content_filter"
+"""The finish_reason of a request a guardrail aborted (OpenAI's, for output stopped by a filter)."""
+
 FEATURE_INDEX = re.compile(r"-?[0-9]+")
 
 
@@ -37,6 +40,24 @@ class PreparedRequest:
     engine: EngineRequest
     applied: tuple[AppliedIntervention, ...]
     readout_sae: str | None
+    guarded: bool = False
+    """It brought guardrails of its own (the response lists those that fired)."""
+    aborts: bool = False
+    """Some guardrail on it (its own or the server's) may abort it: vLLM must stop on the stop token."""
+    counted: set[str] = field(default_factory=set, compare=False)
+    """The rules already counted in the metrics (a stream collects several times)."""
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What the workers report for a request so far."""
+
+    features: dict[str, Any] | None
+    """The readout (None when the request does not read)."""
+    guardrails: list[dict[str, Any]]
+    """The rules that fired that the client may see: name, action and token_index (sequence position)."""
+    aborted: bool
+    """A guardrail (the request's or the server's) ended it."""
 
 
 class SteeringService:
@@ -49,6 +70,11 @@ class SteeringService:
         self.metrics = metrics or api_metrics()
         self.capabilities = capabilities
         """What the workers can run; learned from them at startup (``learn_capabilities``)."""
+        self.server_guardrails = list(config.guardrails)
+        try:  # a bad rule in the config fails the server's start, naming it
+            resolve(RequestSpec(server_guardrails=self.server_guardrails), self.registry)
+        except SpecError as exc:
+            raise SaeServeError(f"config guardrails: {exc}") from None
 
     async def learn_capabilities(self, engine_client: Any) -> WorkerCapabilities:
         caps = WorkerCapabilities.from_workers(await engine_client.collective_rpc(CAPABILITIES))
@@ -57,6 +83,11 @@ class SteeringService:
                                 "(VLLM_PLUGINS=sae_serve) and give them the same SAE_SERVE_CONFIG")
         if caps.secret_id != secret_id(deployment_secret()):
             raise SaeServeError("vLLM's workers have another SAE_SERVE_SECRET than this API process")
+        if self.server_guardrails:  # the server's own rules must run on every request, or the server not start
+            try:
+                caps.check(resolve(RequestSpec(server_guardrails=self.server_guardrails), self.registry), self.limits)
+            except SpecError as exc:
+                raise SaeServeError(f"config guardrails: {exc}") from None
         self.capabilities = caps
         return caps
 
@@ -75,7 +106,9 @@ class SteeringService:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
         policy refuses it) naming the field. Counts steered and refused requests. ``fan_out``: the
         request's fields that make vLLM run several sequences under it, and how many (``n``,
-        ``prompt`` lists, ``use_beam_search``)."""
+        ``prompt`` lists, ``use_beam_search``). The server's own guardrails join every request."""
+        if self.server_guardrails:
+            spec = spec.model_copy(update={"server_guardrails": self.server_guardrails})
         try:
             resolved = resolve(spec, self.registry)
             self.policy.check(spec, resolved, self.registry)
@@ -95,31 +128,49 @@ class SteeringService:
         for mode in sorted({a.mode for a in resolved.applied} | ({"vector"} if resolved.vectors else set())):
             self.metrics.steered.labels(mode).inc()
         return PreparedRequest(admit(spec, client_salt), resolved.applied,
-                               spec.return_features.sae if spec.return_features else None)
+                               spec.return_features.sae if spec.return_features else None,
+                               guarded=bool(spec.guardrails),
+                               aborts=any(rule.action == "abort" for rule in resolved.guardrails))
+
+    def stop_token(self) -> int:
+        """The token the workers emit for an aborted request (capabilities checked it exists)."""
+        assert self.capabilities is not None and self.capabilities.stop_token is not None
+        return self.capabilities.stop_token
 
     def _check_capacity(self, resolved: ResolvedRequest, fan_out: dict[str, int]) -> None:
         """What the workers could not run whole, or could hold only past the limits."""
         if fan_out.get("use_beam_search"):  # vLLM's beam search builds its own sampling params: unsteered
             raise SpecError("use_beam_search", "steering and return_features do not apply to beam search")
-        for field, sequences in fan_out.items():
+        for name, sequences in fan_out.items():
             if resolved.readout is not None and sequences > 1:
-                raise SpecError(field, f"return_features reads one sequence, and this asks for {sequences}: send "
+                raise SpecError(name, f"return_features reads one sequence, and this asks for {sequences}: send "
                                 "them as separate requests, or drop return_features")
+            if resolved.guardrails and sequences > 1:
+                raise SpecError(name, f"guardrails watch one sequence (this server's own too), and this asks for "
+                                f"{sequences}: send them as separate requests")
         if self.capabilities is not None:
             self.capabilities.check(resolved, self.limits)
 
-    async def collect(self, engine_client: Any, prepared: PreparedRequest) -> dict[str, Any] | None:
-        """The request's readout so far (removed from the workers) as a JSON-ready object, None
-        when it does not read. Raises WorkerError (counted) when a worker failed it."""
+    async def collect(self, engine_client: Any, prepared: PreparedRequest) -> Collected:
+        """The request's readout so far (removed from the workers) as a JSON-ready object, and the
+        guardrails fired so far (counted once each). Raises WorkerError (counted) when a worker failed it."""
         key = prepared.engine.key
         reply = merge_replies(await engine_client.collective_rpc(POP_READOUTS, args=([key],)), [key])[key]
         if reply.error is not None:
             self.metrics.refused.labels("worker_error").inc()
             raise WorkerError(f"the engine could not serve this request as admitted: {reply.error}")
+        for fired in reply.guardrails:
+            if fired["name"] not in prepared.counted:
+                prepared.counted.add(fired["name"])
+                self.metrics.guardrail_triggered.labels(fired["name"], fired["action"]).inc()
+        shown = [{"name": f["name"], "action": f["action"], "token_index": f["position"]} for f in reply.guardrails
+                 if not f["server"] or self.policy.reveal_server_guardrails]
+        aborted = any(f["action"] == "abort" for f in reply.guardrails)
         if prepared.readout_sae is None:
-            return None
+            return Collected(None, shown, aborted)
         got = reply.features.get(prepared.readout_sae)
-        return self._tokens(prepared.readout_sae, got) if got else {"sae": prepared.readout_sae, "tokens": []}
+        features = self._tokens(prepared.readout_sae, got) if got else {"sae": prepared.readout_sae, "tokens": []}
+        return Collected(features, shown, aborted)
 
     async def discard(self, engine_client: Any, prepared: PreparedRequest) -> None:
         """Drop what the workers hold for a request that ended without its answer (aborted)."""
@@ -134,8 +185,11 @@ class SteeringService:
             tokens.append({"position": position, "features": feats})
         return {"sae": sae, "tokens": tokens}
 
-    def response_object(self, prepared: PreparedRequest, features: dict[str, Any] | None) -> dict[str, Any]:
-        return {"applied": [asdict(a) for a in prepared.applied], "features": features}
+    def response_object(self, prepared: PreparedRequest, collected: Collected) -> dict[str, Any]:
+        body = {"applied": [asdict(a) for a in prepared.applied], "features": collected.features}
+        if prepared.guarded or collected.guardrails:
+            body["guardrails"] = collected.guardrails
+        return body
 
     # --- descriptions ----------------------------------------------------------------------------
     def saes(self) -> list[dict[str, Any]]:

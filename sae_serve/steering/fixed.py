@@ -49,7 +49,7 @@ class Capacity:
 
 def fits(plan: RequestPlan, capacity: Capacity) -> bool:
     """Whether the fixed op can run ``plan`` (else it takes the segment path)."""
-    return not plan.full_encode and len(plan.host.features) <= capacity.slots
+    return not plan.full_encode and not plan.guards and len(plan.host.features) <= capacity.slots
 
 
 def check_runnable(request: ResolvedRequest, slots: int) -> None:

@@ -67,6 +67,8 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
                 delta = ((plan.mult - 1) * acts[first:last] + plan.offset) @ plan.w_dec
             if plan.vector is not None:
                 delta = delta + plan.vector
+    if plan.guards:
+        delta, first = _guardrails(x_rows, sae, seg, acts, delta, first)
     readout = None
     if plan.reads:
         if top is not None:
@@ -75,6 +77,29 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
         else:
             readout = read_features(seg, acts)
     return delta, first, readout
+
+
+def _guardrails(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment, acts: torch.Tensor,
+                delta: torch.Tensor | None, first: int) -> tuple[torch.Tensor | None, int]:
+    """Read the triggers of the rules watched here, then add the edits of the steer rules that have
+    fired, on the rows from their firing token on: (delta over every row from offset 0, 0)."""
+    plan, rows = seg.plan, seg.rows
+    for guard in plan.guards:  # triggers first: a rule read here gates its own edit from the same token
+        if guard.reads:
+            values = acts[:, guard.trigger_column] if guard.trigger_column is not None else (
+                guard.probe(x_rows.to(sae.dtype)))  # type: ignore[misc]
+            guard.state.observe(values, rows.first_position, rows.scope(guard.state.rule.positions))
+    steering = [g for g in plan.guards if g.steers]
+    if not steering:
+        return delta, first
+    full = torch.zeros((len(x_rows), sae.d_in), dtype=sae.dtype, device=x_rows.device)
+    if delta is not None:
+        full[first:first + len(delta)] += delta
+    positions = rows.positions().to(x_rows.device)
+    for guard in steering:
+        change = ((guard.mult - 1) * acts + guard.offset) @ plan.w_dec if guard.mult is not None else 0
+        full += guard.state.gate(positions) * (change + (guard.vector if guard.vector is not None else 0))
+    return full, 0
 
 
 def read_features(seg: Segment, acts: torch.Tensor) -> FeatureActivations:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
+from sae_serve.sae.registry import LinearProbe
+from sae_serve.steering.guardrails import GuardPlan, GuardState
 from sae_serve.steering.spec import Positions, ResolvedRequest
 
 
@@ -74,6 +76,7 @@ class RequestPlan:
     top_k: int | None  # readout: the k most active features per row
     read_columns: torch.Tensor | None  # readout: columns of ``features`` to report
     host: HostSlots  # ``features``, ``mult`` and ``offset`` on the host
+    guards: tuple[GuardPlan, ...] = ()  # guardrails read or steering here (the segment path runs them)
 
     @property
     def steers(self) -> bool:
@@ -84,10 +87,41 @@ class RequestPlan:
         return self.top_k is not None or self.read_columns is not None
 
 
-def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder,
-            slices: bool = True) -> RequestPlan | None:
+def _guard_features(sae_name: str, states: Sequence[GuardState]) -> list[int]:
+    """The features the request's rules read or edit on this SAE."""
+    out: list[int] = []
+    for state in states:
+        rule = state.rule
+        if rule.site == sae_name and rule.feature is not None:
+            out.append(rule.feature)
+        if sae_name in rule.edits:
+            out += rule.edits[sae_name].features
+    return out
+
+
+def _guard_plan(sae_name: str, state: GuardState, column: dict[int, int], sae: SparseAutoencoder,
+                probes: Mapping[str, LinearProbe]) -> GuardPlan | None:
+    rule, m = state.rule, len(column)
+    here = rule.site == sae_name
+    edit, vector = rule.edits.get(sae_name), rule.vectors.get(sae_name)
+    if not here and edit is None and vector is None:
+        return None
+    mult = offset = None
+    if edit is not None:
+        mult, offset = torch.ones(m), torch.zeros(m)
+        for f, a, c in zip(edit.features, edit.mult, edit.offset, strict=True):
+            mult[column[f]], offset[column[f]] = a, c
+        mult, offset = (t.to(device=sae.W_dec.device, dtype=sae.dtype) for t in (mult, offset))
+    return GuardPlan(state, column[rule.feature] if here and rule.feature is not None else None,
+                     probes[rule.probe] if here and rule.probe is not None else None, mult, offset,
+                     None if vector is None else vector.to(device=sae.W_dec.device, dtype=sae.dtype))
+
+
+def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder, slices: bool = True,
+            states: Sequence[GuardState] = (), probes: Mapping[str, LinearProbe] | None = None) -> RequestPlan | None:
     """The request's work on SAE ``sae_name`` in the SAE's dtype and device, or None. Without
-    ``slices`` (the fixed op gathers from the SAE itself) no encoder or decoder rows are copied."""
+    ``slices`` (the fixed op gathers from the SAE itself) no encoder or decoder rows are copied.
+    ``states``: the request's guardrails (``probes``: the probes they may name)."""
     if req is None or sae_name not in req.sae_names():
         return None
     device, dtype = sae.W_dec.device, sae.dtype
@@ -95,7 +129,9 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder,
     readout = req.readout if req.readout and req.readout.sae == sae_name else None
     read_list = readout.features if readout else None
     features = list(edit.features) if edit else []
-    features += [f for f in read_list or () if f not in features]
+    for f in [*(read_list or ()), *_guard_features(sae_name, states)]:
+        if f not in features:
+            features.append(f)
     m = len(features)
     host = HostSlots(np.array(features, dtype=np.int64), np.ones(m), np.zeros(m))
     if edit is not None:
@@ -114,14 +150,23 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder,
         positions=req.positions, top_k=readout.top_k if readout else None,
         read_columns=torch.tensor([column[f] for f in read_list], device=device) if read_list else None,
         host=host,
+        guards=tuple(g for g in (_guard_plan(sae_name, st, column, sae, probes or {}) for st in states) if g),
     )
 
 
-def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencoder],
-                slices: bool = True) -> dict[str, RequestPlan]:
-    """``prepare`` for every SAE the request names."""
-    plans = {name: prepare(name, req, sae, slices) for name, sae in saes.items()}
+def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencoder], slices: bool = True,
+                probes: Mapping[str, LinearProbe] | None = None) -> dict[str, RequestPlan]:
+    """``prepare`` for every SAE the request names. Each guardrail whose trigger SAE is among
+    ``saes`` gets one state, shared by the plans it spans (``guard_states`` finds them)."""
+    states = [GuardState.new(rule, saes[rule.site].W_dec.device)
+              for rule in (req.guardrails if req else ()) if rule.site in saes]
+    plans = {name: prepare(name, req, sae, slices, states, probes) for name, sae in saes.items()}
     return {name: plan for name, plan in plans.items() if plan is not None}
+
+
+def guard_states(plans: Mapping[str, RequestPlan]) -> list[GuardState]:
+    """A request's guardrail states, once each."""
+    return list({id(g.state): g.state for plan in plans.values() for g in plan.guards}.values())
 
 
 @dataclass(frozen=True)

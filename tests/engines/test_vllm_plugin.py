@@ -19,9 +19,9 @@ from sae_serve.config import OpConfig, SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.errors import SpecError
-from sae_serve.sae.registry import SaeEntry, VectorEntry, build_registry, save_vector
+from sae_serve.sae.registry import ProbeEntry, SaeEntry, VectorEntry, build_registry, save_vector
 from sae_serve.steering.spec import RequestSpec, resolve
-from tests.conftest import make_sae
+from tests.conftest import make_sae, plant_french_probe
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPTS = ["My favourite food is", "The weather today is", "Once upon a time, in a small village,",
@@ -34,8 +34,10 @@ def config(tmp_path_factory) -> SaeServeConfig:
     folder = tmp_path_factory.mktemp("cfg")
     vector = torch.randn(576, generator=torch.Generator().manual_seed(3))
     save_vector(vector / vector.norm(), folder / "v.safetensors")
+    plant_french_probe(folder / "french.safetensors")
     return SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),),
-                          vectors=(VectorEntry(name="v", sae="layer15", path=str(folder / "v.safetensors")),))
+                          vectors=(VectorEntry(name="v", sae="layer15", path=str(folder / "v.safetensors")),),
+                          probes=(ProbeEntry(name="french", layer=15, path=str(folder / "french.safetensors")),))
 
 
 @pytest.fixture(scope="module", params=["eager", "compiled", "compiled-fixed"])
@@ -201,3 +203,78 @@ def test_plain_vllm_with_additional_config(config, default_model_dir, monkeypatc
     assert ignored.outputs[0].text == want.outputs[0].text
     del llm
     gc.collect()
+
+
+# --- guardrails ---------------------------------------------------------------------------------
+GUARD_PROMPTS = ["My favourite food is", "Le chat dort sur", "The capital of France is Paris. In French, hello is",
+                 "The weather today is"]
+FRENCH_FEATURE = {"sae": "layer15", "feature": "non-english", "above": {"multiple_of_max": 0.3}}
+FRENCH_PROBE = {"probe": "french", "above": {"value": 0.0}}
+TO_WAR = {"interventions": [{"sae": "layer15", "feature": "military", "mode": "clamp", "multiple_of_max": 3.0}]}
+
+
+def guard(action: str, when: dict, **extra) -> dict:
+    return {"guardrails": [{"name": f"r-{action}", "when": when, "action": action, **extra}]}
+
+
+GUARD_SPECS = [guard("flag", FRENCH_PROBE), guard("abort", {**FRENCH_FEATURE, "positions": "all"}),
+               guard("steer", FRENCH_PROBE, steering=TO_WAR), guard("abort", {**FRENCH_PROBE, "tokens": 2, "window": 3})]
+
+
+def test_guardrails_match_the_reference_engine(llm, reference) -> None:
+    """Every rule fires where the reference engine says, and acts the same: tokens, finish reason
+    and the reported position are equal."""
+    cases = [(prompt, spec) for spec in GUARD_SPECS for prompt in GUARD_PROMPTS]
+    got = llm.generate([p for p, _ in cases], [s for _, s in cases], greedy(12))
+    want = reference.generate([p for p, _ in cases], [resolve(RequestSpec.model_validate(s), reference.registry)
+                                                      for _, s in cases], max_new_tokens=12)
+    for (prompt, spec), g, w in zip(cases, got, want, strict=True):
+        assert (g.token_ids, g.finish_reason, g.guardrails) == (w.token_ids, w.finish_reason, w.guardrails), (
+            prompt, spec)
+    assert sum(bool(g.guardrails) for g in got) >= 12  # the rules fire on most of these prompts
+    assert sum(g.finish_reason == "content_filter" for g in got) >= 5
+
+
+def test_guardrails_act_from_the_token_they_fire_on(llm) -> None:
+    """flag changes nothing; abort ends the request right after the firing token (the text so far);
+    steer leaves every token up to the firing one as the unsteered run has it, then changes the rest."""
+    n = len(GUARD_PROMPTS)
+    plain = llm.generate(GUARD_PROMPTS, [None] * n, greedy(16))
+    flag, abort, steer = (llm.generate(GUARD_PROMPTS, [guard(action, FRENCH_PROBE, **extra)] * n, greedy(16))
+                          for action, extra in (("flag", {}), ("abort", {}), ("steer", {"steering": TO_WAR})))
+    stop = llm.capabilities.stop_token
+    for i in range(n):
+        [fired] = flag[i].guardrails
+        assert flag[i].token_ids == plain[i].token_ids and fired.action == "flag"
+        kept = fired.position - len(plain[i].prompt_token_ids) + 1  # generated tokens up to the firing one
+        assert abort[i].guardrails[0].position == steer[i].guardrails[0].position == fired.position
+        assert abort[i].token_ids == plain[i].token_ids[:kept] + [stop] and abort[i].finish_reason == "content_filter"
+        assert abort[i].text == llm.llm.get_tokenizer().decode(plain[i].token_ids[:kept])
+        assert steer[i].token_ids[:kept] == plain[i].token_ids[:kept] and steer[i].token_ids != plain[i].token_ids
+
+
+def test_guardrails_keep_isolation_in_a_mixed_batch(llm) -> None:
+    specs = [GUARD_SPECS[1], None, GUARD_SPECS[2], {"steering": TO_WAR}, GUARD_SPECS[0],
+             {**GUARD_SPECS[3], "return_features": {"sae": "layer15", "features": ["non-english"]}}]
+    prompts = [GUARD_PROMPTS[i % len(GUARD_PROMPTS)] for i in range(len(specs))]
+    together = llm.generate(prompts, specs, greedy(12))
+    for i, spec in enumerate(specs):
+        [alone] = llm.generate([prompts[i]], [spec], greedy(12))
+        assert (alone.token_ids, alone.guardrails) == (together[i].token_ids, together[i].guardrails), (i, spec)
+
+
+def test_guardrails_refuse_bad_rules_naming_the_field(llm) -> None:
+    bad = [({"guardrails": [{"name": "x", "when": {"probe": "nope", "above": {"value": 1}}, "action": "flag"}]},
+            "guardrails[0].when.probe"),
+           ({"guardrails": [{"name": "x", "when": {"sae": "layer15", "feature": 999999, "above": {"value": 1}},
+                             "action": "abort"}]}, "guardrails[0].when.feature"),
+           ({"guardrails": [{"name": "x", "when": {**FRENCH_FEATURE, "tokens": 3, "window": 2}, "action": "flag"}]},
+            "guardrails.0.when"),
+           ({"guardrails": [{"name": "x", "when": FRENCH_PROBE, "action": "steer"}]}, "guardrails.0"),
+           ({"guardrails": [{"name": "x", "when": {"probe": "french", "above": {"multiple_of_max": 2}},
+                             "action": "flag"}]}, "guardrails.0.when"),
+           ({"guardrails": [guard("flag", FRENCH_PROBE)["guardrails"][0]] * 2}, "guardrails[1].name")]
+    for spec, field in bad:
+        with pytest.raises((SpecError, ValueError)) as info:
+            llm.validate(spec)
+        assert field in str(info.value).replace("\n", " "), (spec, str(info.value))
