@@ -102,7 +102,8 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
             collected = await service.collect(engine_client, prepared)
         except WorkerError as exc:
             return _error(500, str(exc), None)
-        body["sae"] = service.response_object(prepared, collected)
+        if (sae := service.response_object(prepared, collected)) is not None:
+            body["sae"] = sae
         _mark_aborted(body, collected)
         return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
                                                    if k.lower() not in ("content-length", "content-type")})
@@ -153,7 +154,8 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                     return
                 checked = True
                 if finished:
-                    body["sae"] = service.response_object(prepared, collected)
+                    if (sae := service.response_object(prepared, collected)) is not None:
+                        body["sae"] = sae
                     _mark_aborted(body, collected)
                 elif collected.features is not None and collected.features["tokens"]:
                     body["sae"] = {"features": collected.features}

@@ -42,6 +42,9 @@ class PreparedRequest:
     readout_sae: str | None
     guarded: bool = False
     """It brought guardrails of its own (the response lists those that fired)."""
+    asked: bool = True
+    """The client asked for something (else only the server's own guardrails admitted it, and the
+    response carries no ``sae`` object unless they are revealed and fired)."""
     aborts: bool = False
     """Some guardrail on it (its own or the server's) may abort it: vLLM must stop on the stop token."""
     counted: set[str] = field(default_factory=set, compare=False)
@@ -107,6 +110,7 @@ class SteeringService:
         policy refuses it) naming the field. Counts steered and refused requests. ``fan_out``: the
         request's fields that make vLLM run several sequences under it, and how many (``n``,
         ``prompt`` lists, ``use_beam_search``). The server's own guardrails join every request."""
+        asked = bool(spec.steering or spec.return_features or spec.guardrails)
         if self.server_guardrails:
             spec = spec.model_copy(update={"server_guardrails": self.server_guardrails})
         try:
@@ -129,7 +133,7 @@ class SteeringService:
             self.metrics.steered.labels(mode).inc()
         return PreparedRequest(admit(spec, client_salt), resolved.applied,
                                spec.return_features.sae if spec.return_features else None,
-                               guarded=bool(spec.guardrails),
+                               guarded=bool(spec.guardrails), asked=asked,
                                aborts=any(rule.action == "abort" for rule in resolved.guardrails))
 
     def stop_token(self) -> int:
@@ -185,7 +189,10 @@ class SteeringService:
             tokens.append({"position": position, "features": feats})
         return {"sae": sae, "tokens": tokens}
 
-    def response_object(self, prepared: PreparedRequest, collected: Collected) -> dict[str, Any]:
+    def response_object(self, prepared: PreparedRequest, collected: Collected) -> dict[str, Any] | None:
+        """The response's ``sae`` object (None: the client asked for nothing and sees nothing)."""
+        if not prepared.asked and not collected.guardrails:
+            return None
         body = {"applied": [asdict(a) for a in prepared.applied], "features": collected.features}
         if prepared.guarded or collected.guardrails:
             body["guardrails"] = collected.guardrails

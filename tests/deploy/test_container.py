@@ -47,7 +47,7 @@ def container(image: str):
                     image, "--", "--api-key", API_KEY, "--max-model-len", "1024"], check=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
-    while time.time() < deadline:
+    while time.time() < deadline and _running(name):
         try:
             if httpx.get(base + "/health", timeout=5).status_code == 200:
                 break
@@ -60,6 +60,11 @@ def container(image: str):
         pytest.fail(f"the container never became healthy: {logs[-3000:]}")
     yield name, base
     subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
+
+
+def _running(name: str) -> bool:
+    state = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.Running}}", name], capture_output=True, text=True)
+    return state.stdout.strip() == "true"
 
 
 def completion(base: str, **extra) -> httpx.Response:

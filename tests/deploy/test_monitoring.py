@@ -24,7 +24,7 @@ def _promtool() -> str:
 def test_rules_pass_promtool_check() -> None:
     out = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 9 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 def test_every_alert_has_a_passing_promtool_unit_test() -> None:
@@ -35,7 +35,7 @@ def test_every_alert_has_a_passing_promtool_unit_test() -> None:
     tested = {t["alertname"] for t in yaml.safe_load(tests.read_text())["tests"]
               for t in t.get("alert_rule_test", [])}
     assert alerts == tested == {"SaeServeWatchedFeatureFiring", "SaeServePolicyRejectionSpike",
-                                "SaeServeHookOverBudget", "SaeServeMonitoringStalled"}
+                                "SaeServeGuardrailAborting", "SaeServeHookOverBudget", "SaeServeMonitoringStalled"}
 
 
 def test_a_broken_alert_fails_its_unit_test(tmp_path) -> None:
@@ -54,7 +54,8 @@ def test_dashboard_panels_cover_the_issue() -> None:
     exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
     for metric in ("sae_serve_feature_fired_tokens_total", "sae_serve_feature_activation_bucket",
                    "sae_serve_steered_requests_total", "sae_serve_refused_requests_total",
-                   "sae_serve_hook_seconds_bucket", "vllm:time_to_first_token_seconds_bucket",
+                   "sae_serve_hook_seconds_bucket", "sae_serve_guardrail_triggered_total",
+                   "vllm:time_to_first_token_seconds_bucket",
                    "vllm:inter_token_latency_seconds_bucket", "vllm:generation_tokens_total"):
         assert metric in exprs, metric
     assert any(p["type"] == "heatmap" for p in panels)

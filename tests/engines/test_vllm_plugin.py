@@ -218,7 +218,8 @@ def guard(action: str, when: dict, **extra) -> dict:
 
 
 GUARD_SPECS = [guard("flag", FRENCH_PROBE), guard("abort", {**FRENCH_FEATURE, "positions": "all"}),
-               guard("steer", FRENCH_PROBE, steering=TO_WAR), guard("abort", {**FRENCH_PROBE, "tokens": 2, "window": 3})]
+               guard("steer", FRENCH_PROBE, steering=TO_WAR),
+               guard("abort", {**FRENCH_PROBE, "tokens": 2, "window": 3})]
 
 
 def test_guardrails_match_the_reference_engine(llm, reference) -> None:
@@ -248,7 +249,8 @@ def test_guardrails_act_from_the_token_they_fire_on(llm) -> None:
         assert flag[i].token_ids == plain[i].token_ids and fired.action == "flag"
         kept = fired.position - len(plain[i].prompt_token_ids) + 1  # generated tokens up to the firing one
         assert abort[i].guardrails[0].position == steer[i].guardrails[0].position == fired.position
-        assert abort[i].token_ids == plain[i].token_ids[:kept] + [stop] and abort[i].finish_reason == "content_filter"
+        assert abort[i].token_ids == [*plain[i].token_ids[:kept], stop]
+        assert abort[i].finish_reason == "content_filter"
         assert abort[i].text == llm.llm.get_tokenizer().decode(plain[i].token_ids[:kept])
         assert steer[i].token_ids[:kept] == plain[i].token_ids[:kept] and steer[i].token_ids != plain[i].token_ids
 

@@ -184,7 +184,11 @@ def test_every_metric_the_dashboard_and_rules_use_is_exported(server, client) ->
 
     base = server.base
     c, model = client
-    c.completions.create(model=model, prompt="He lied to the police", max_tokens=4, extra_body=FRENCH)
+    flag = {"name": "fr", "action": "flag", "when": {"sae": "layer15", "feature": "non-english",
+                                                      "above": {"value": 0.1}, "positions": "all"}}
+    flagged = c.completions.create(model=model, prompt="He lied to the police", max_tokens=4,
+                                   extra_body={**FRENCH, "guardrails": [flag]})
+    assert flagged.model_extra["sae"]["guardrails"][0]["name"] == "fr"  # (the rules' guardrail series exists)
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
         exported = {s.name for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
     known = exported | recorded_names()

@@ -150,3 +150,39 @@ def test_readouts_are_bounded_up_front_and_one_per_request(tmp_path) -> None:
     with pytest.raises(SpecError) as info:  # vLLM's beam search drops the request's extra_args
         service.prepare(steer, fan_out={"use_beam_search": 1})
     assert info.value.field == "use_beam_search"
+
+
+def guarded(action: str, when: dict, **extra) -> RequestSpec:
+    return RequestSpec.model_validate({"guardrails": [{"name": "g", "when": when, "action": action, **extra}]})
+
+
+def test_guardrails_are_checked_like_reads_and_steering(config_for) -> None:
+    service = config_for(Policy(readable={"l1": FeatureSelector(tags=("language",))}, guardrail_actions=("flag",
+                                                                                                          "steer"),
+                                max_abs_multiple_of_max=4))
+    french = {"sae": "l1", "feature": "french", "above": {"multiple_of_max": 0.5}}
+    prepared = service.prepare(guarded("flag", french))
+    assert prepared is not None and prepared.guarded and not prepared.aborts
+    err = refused(service, guarded("abort", french))
+    assert (err.field, err.forbidden) == ("guardrails[0].action", True)
+    err = refused(service, guarded("flag", {**french, "feature": "deception"}))  # an unreadable trigger
+    assert (err.field, err.forbidden) == ("guardrails[0].when.feature", True)
+    too_hard = {"interventions": [{"sae": "l1", "feature": "french", "mode": "clamp", "multiple_of_max": 9}]}
+    err = refused(service, guarded("steer", french, steering=too_hard))
+    assert (err.field, err.forbidden) == ("guardrails[0].steering.interventions[0].multiple_of_max", False)
+
+
+def test_the_servers_own_guardrails_join_every_request_and_a_bad_one_stops_the_server(config_for, tmp_path) -> None:
+    from sae_serve.errors import SaeServeError
+    from sae_serve.steering.spec import Guardrail
+
+    rule = Guardrail.model_validate({"name": "no-deception", "action": "abort", "when": {
+        "sae": "l1", "feature": "deception", "above": {"multiple_of_max": 0.5}}})
+    service = config_for(Policy(guardrail_actions=()))
+    service.server_guardrails = [rule]
+    plain = service.prepare(RequestSpec())
+    assert plain is not None and plain.aborts and not plain.asked  # admitted only for the server's rule
+    assert '"server_guardrails":[{"name":"no-deception"' in plain.engine.spec_json
+    bad = rule.model_copy(update={"when": rule.when.model_copy(update={"feature": "nope"})})
+    with pytest.raises(SaeServeError, match=r"config guardrails: server_guardrails\[0\].when.feature"):
+        SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),), guardrails=(bad,)))
