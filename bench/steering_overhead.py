@@ -1,6 +1,6 @@
 """Steering overhead: vLLM with the sae_serve plugin against plain vLLM, same process, same prompts.
 
-    python bench/steering_overhead.py [--rounds 3] [--eager]
+    python bench/steering_overhead.py [--rounds 3] [--eager] [--cases idle,guard4]
 
 Cases (all requests submitted together, greedy, 64 new tokens each):
   idle        plugin loaded with the default SAE, nobody steers
@@ -9,6 +9,8 @@ Cases (all requests submitted together, greedy, 64 new tokens each):
   distinct256 256 requests in one batch, each with its own configuration (against plain with 256)
   watch32     every request reads 32 features on every token
   topk8       every request reads its top 8 features on every token (a full encode)
+  guard4      every request carries 4 server-wide guardrails (3 flag rules and an abort, on 4 features,
+              thresholds no token reaches: the watching is what is measured)
   monitor4    a third engine with metrics on: the SAE's 4-feature watchlist on every token, nobody steers
   clamp8_fixed, distinct256_fixed   a fourth engine on the fixed-shape op (op.fixed_shapes, 16 slots)
 Each round runs plain vLLM and every case back to back (A B A B); the ratio of output tokens/s to
@@ -57,6 +59,10 @@ def cases(n: int) -> dict[str, list[dict | None]]:
         "distinct256": distinct(256),
         "watch32": [{"return_features": {"sae": "layer15", "features": list(range(0, 4608, 144))}}] * n,
         "topk8": [{"return_features": {"sae": "layer15", "top_k": 8}}] * n,
+        "guard4": [{"server_guardrails": [
+            {"name": f"rule{i}", "action": "abort" if i == 3 else "flag",
+             "when": {"sae": "layer15", "feature": f, "above": {"multiple_of_max": 10.0}}}
+            for i, f in enumerate((4563, 978, 914, 2857))]}] * n,
     }
 
 
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--cases", default=None, help="comma-separated subset of the cases (default: all)")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -83,16 +90,22 @@ def main() -> None:
               "enable_prefix_caching": False}
     plain = LLM(model=str(model), **kwargs)  # created before SAE_SERVE_CONFIG is set: no SAEs
     saes = (SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),)
-    steered = SteeredLLM(model, SaeServeConfig(saes=saes), **kwargs)
-    monitored = SteeredLLM(model, SaeServeConfig(saes=saes, metrics=MetricsConfig(enabled=True)), **kwargs)
-    fixed = SteeredLLM(model, SaeServeConfig(saes=saes, op=OpConfig(fixed_shapes=True)), **kwargs)
+    wanted = set(args.cases.split(",")) if args.cases else None
+    workload = cases(args.requests)
+    engines = {"steered": SaeServeConfig(saes=saes)}
+    if wanted is None or "monitor4" in wanted:
+        engines["monitored"] = SaeServeConfig(saes=saes, metrics=MetricsConfig(enabled=True))
+    if wanted is None or wanted & {"clamp8_fixed", "distinct256_fixed"}:
+        engines["fixed"] = SaeServeConfig(saes=saes, op=OpConfig(fixed_shapes=True))
+    built = {name: SteeredLLM(model, config, **kwargs) for name, config in engines.items()}
+    steered, monitored, fixed = built["steered"], built.get("monitored"), built.get("fixed")
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1)
-    workload = cases(args.requests)
     runs = {name: (steered, specs) for name, specs in workload.items()}
     runs["monitor4"] = (monitored, workload["idle"])
     runs["clamp8_fixed"] = (fixed, workload["clamp8"])
     runs["distinct256_fixed"] = (fixed, workload["distinct256"])
+    runs = {name: run for name, run in runs.items() if wanted is None or name in wanted}
 
     def seconds(run) -> float:
         start = time.perf_counter()
@@ -101,8 +114,10 @@ def main() -> None:
 
     plain.generate(prompts(256), params, use_tqdm=False)  # warm-up every engine and batch size
     steered.generate(prompts(256), workload["distinct256"], params)
-    monitored.generate(prompts(args.requests), workload["idle"], params)
-    fixed.generate(prompts(256), workload["distinct256"], params)
+    if monitored is not None:
+        monitored.generate(prompts(args.requests), workload["idle"], params)
+    if fixed is not None:
+        fixed.generate(prompts(256), workload["distinct256"], params)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     added_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
     plain_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
