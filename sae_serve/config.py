@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sae_serve import envs
 from sae_serve.errors import SaeFormatError, SpecError, first_field_error
@@ -82,7 +82,17 @@ class SaeServeConfig(RegistryConfig):
     """Resource limits per request."""
     guardrails: tuple[Guardrail, ...] = Field(default=(), max_length=MAX_GUARDRAILS)
     """Server-wide guardrails: on every request, whatever it asks; clients see them only when
-    ``policy.reveal_server_guardrails`` (an abort shows as finish_reason content_filter)."""
+    ``policy.reveal_server_guardrails`` (an abort shows as finish_reason content_filter). They
+    abort or flag: a server-wide steer could be undone by a request's own steering of the feature."""
+
+    @field_validator("guardrails")
+    @classmethod
+    def _abort_or_flag(cls, rules: tuple[Guardrail, ...]) -> tuple[Guardrail, ...]:
+        for rule in rules:
+            if rule.action == "steer":
+                raise ValueError(f"rule {rule.name!r}: a server-wide guardrail aborts or flags (a request's own "
+                                 "steering of the same feature could undo a server-wide steer)")
+        return rules
 
 
 def load_config(path: str | os.PathLike[str]) -> SaeServeConfig:

@@ -163,9 +163,9 @@ class WorkerReply:
     def merge(self, other: WorkerReply) -> WorkerReply:
         """Replies of several workers (ranks) for one request: the first error, the readouts
         of whichever rank held them (only one does: the SAE's), the rules any of them saw fire."""
-        names = {f["name"] for f in self.guardrails}
+        seen = {(f["server"], f["name"]) for f in self.guardrails}
         return WorkerReply(self.error or other.error, {**self.features, **other.features},
-                           self.guardrails + [f for f in other.guardrails if f["name"] not in names])
+                           self.guardrails + [f for f in other.guardrails if (f["server"], f["name"]) not in seen])
 
 
 def merge_replies(per_worker: list[dict[str, Any]], keys: list[str]) -> dict[str, WorkerReply]:
@@ -193,7 +193,11 @@ class WorkerCapabilities:
     speculative: bool = False
     """Speculative decoding is on: the forward also computes draft tokens that may be rejected."""
     stop_token: int | None = None
-    """The token the sampler emits for a request a guardrail aborts (the model's EOS; None: no abort)."""
+    """The token the sampler emits for a request a guardrail aborts (``guardrails.stop_token``; None: no abort)."""
+    abort_marked: bool = False
+    """``stop_token`` is not the model's EOS, so vLLM's stop_reason tells an abort from a natural end."""
+    pipeline: bool = False
+    """The model is split into pipeline stages."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,12 +215,20 @@ class WorkerCapabilities:
                             "speculative decoding, whose rejected draft tokens would show up in them")
         limits.check_readout(request, self.max_model_len)
 
+    def ended_by_guardrail(self, abort_fired: bool, finish_reason: str | None, stop_reason: object) -> bool:
+        """Whether an output that finished so was ended by an abort rule, not by its own end of
+        sequence (on which a rule may still fire: vLLM may compute one more step)."""
+        if not abort_fired or finish_reason != "stop":
+            return False
+        return stop_reason == self.stop_token if self.abort_marked else stop_reason is None
+
     def _check_guardrails(self, request: ResolvedRequest) -> None:
         rule = request.guardrails[0]
         field = "server_guardrails" if rule.server else "guardrails"
-        if self.graph_mode or self.speculative:
+        if self.graph_mode or self.speculative or self.pipeline:
             raise SpecError(field, "guardrails are not available on this server: they run on vLLM's V1 model runner "
-                            "without CUDA graphs or speculative decoding (enforce_eager, VLLM_USE_V2_MODEL_RUNNER=0)")
+                            "without CUDA graphs, speculative decoding or pipeline parallelism (enforce_eager, "
+                            "VLLM_USE_V2_MODEL_RUNNER=0)")
         if self.stop_token is None and any(r.action == "abort" for r in request.guardrails):
             raise SpecError(field, "this model declares no end-of-sequence token, which an abort needs")
 
@@ -232,4 +244,5 @@ class WorkerCapabilities:
             raise SaeServeError(f"vLLM's workers do not share one {envs.SECRET_VAR} (set it in every process, "
                                 "e.g. Ray workers' runtime_env); they would ignore every admitted spec")
         return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
-                   ids.pop(), any(c.speculative for c in got), got[0].stop_token)
+                   ids.pop(), any(c.speculative for c in got), got[0].stop_token, got[0].abort_marked,
+                   any(c.pipeline for c in got))

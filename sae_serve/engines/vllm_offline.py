@@ -28,7 +28,7 @@ from sae_serve.engines.protocol import (
     ensure_secret,
     merge_replies,
 )
-from sae_serve.errors import WorkerError
+from sae_serve.errors import SpecError, WorkerError
 from sae_serve.sae.registry import build_registry
 from sae_serve.steering.guardrails import Firing
 from sae_serve.steering.hook import FeatureActivations
@@ -71,7 +71,7 @@ class SteeredLLM:
         os.environ["SAE_SERVE_CONFIG"] = str(config)  # every vLLM process reads it
         ensure_secret()  # before vLLM starts its workers: they inherit it
         loaded = load_config(config)
-        self.registry, self.limits = build_registry(loaded), loaded.limits
+        self.registry, self.limits, self.server_rules = build_registry(loaded), loaded.limits, list(loaded.guardrails)
         self.llm = LLM(model=str(model), **llm_kwargs)
         caps = WorkerCapabilities.from_workers(self.llm.collective_rpc(CAPABILITIES))
         if caps is None:
@@ -81,6 +81,8 @@ class SteeredLLM:
     def validate(self, spec: RequestSpec | dict | None) -> tuple[RequestSpec, ResolvedRequest]:
         """Parse and resolve ``spec`` (raises SpecError / ValidationError naming the field)."""
         parsed = spec if isinstance(spec, RequestSpec) else RequestSpec.model_validate(spec or {})
+        if self.server_rules:  # the workers run them on every request; here they decide how it may stop
+            parsed = parsed.model_copy(update={"server_guardrails": self.server_rules})
         resolved = resolve(parsed, self.registry)
         self.capabilities.check(resolved, self.limits)
         return parsed, resolved
@@ -90,6 +92,8 @@ class SteeredLLM:
         """Generate ``prompts[i]`` under ``specs[i]`` (and vLLM's ``lora_request``, one or a list);
         every spec is checked before any is sent."""
         checked = [self.validate(s) for s in specs]
+        if sampling_params.n > 1 and any(r.guardrails for _, r in checked):
+            raise SpecError("n", "guardrails watch one sequence: generate the others as separate prompts")
         engine = [admit(spec) for spec, _ in checked]
         items, params = [], []
         for prompt, req, (_, resolved) in zip(prompts, engine, checked, strict=True):
@@ -97,6 +101,8 @@ class SteeredLLM:
             p = sampling_params.clone()
             p.extra_args = {**(p.extra_args or {}), **req.extra_args}
             if any(rule.action == "abort" for rule in resolved.guardrails):  # the workers emit it to stop one
+                if p.structured_outputs is not None:  # its grammar would refuse the stop token
+                    raise SpecError("structured_outputs", "cannot be combined with guardrails that abort")
                 p.stop_token_ids = [*(p.stop_token_ids or []), self.capabilities.stop_token]
             params.append(p)
         outputs = self.llm.generate(items, params, use_tqdm=False, lora_request=lora_request)
@@ -107,9 +113,12 @@ class SteeredLLM:
             completion, reply = out.outputs[0], readouts[req.key]
             sae = spec.return_features.sae if spec.return_features else None
             fired = tuple(Firing(**f) for f in reply.guardrails)
+            reason = completion.finish_reason
+            if self.capabilities.ended_by_guardrail(any(f.action == "abort" for f in fired), reason,
+                                                    completion.stop_reason):
+                reason = "content_filter"
             results.append(SteeredOutput(
                 list(out.prompt_token_ids), list(completion.token_ids), completion.text,
-                _features(reply, sae), resolved.applied,
-                "content_filter" if any(f.action == "abort" for f in fired) else completion.finish_reason, fired))
+                _features(reply, sae), resolved.applied, reason, fired))
         return results
 

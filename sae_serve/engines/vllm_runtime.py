@@ -33,7 +33,7 @@ from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fix
 from sae_serve.steering.guardrails import GuardState, aborting
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
-from sae_serve.steering.spec import RequestSpec, resolve
+from sae_serve.steering.spec import Guardrail, RequestSpec, resolve
 from sae_serve.steering.watch import Watch
 
 logger = logging.getLogger(__name__)
@@ -80,13 +80,17 @@ class SteeringRuntime:
     counts_requests: bool = True  # counts refused specs (one worker of the deployment does)
     speculative: bool = False  # speculative decoding on: no readouts (rejected drafts would be in them)
     stop_token: int | None = None  # what the sampler emits for a request a guardrail aborted
+    abort_marked: bool = False  # stop_token is not the EOS: vLLM's stop_reason marks an abort
+    eos_token: int | None = None  # what stops a request the service did not admit (another route)
+    server_rules: tuple[Guardrail, ...] = ()  # the config's guardrails: on every request, signed or not
+    pipeline: bool = False  # a pipeline stage: no guardrails (a rule's trigger and its action may be apart)
     resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
     abort_rules: dict[str, list[GuardState]] = field(default_factory=dict)  # by request id: its abort rules
-    aborts: list[tuple[int, list[GuardState]]] = field(default_factory=list)  # this step: (row, abort rules)
+    aborts: list[tuple[int, list[GuardState], int]] = field(default_factory=list)  # this step: row, rules, token
 
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
@@ -94,7 +98,7 @@ class SteeringRuntime:
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
-                                  self.speculative, self.stop_token)
+                                  self.speculative, self.stop_token, self.abort_marked, self.pipeline)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
@@ -115,7 +119,9 @@ class SteeringRuntime:
             self.metrics.rejected_specs.labels(reason).inc()
 
     def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
-        if not extra_args:  # a plain request, or one of vLLM's dummy batches: nothing to keep
+        """(the key of an admitted request, or None; its plans). The server's own guardrails join
+        every request here, whatever route it came by and whether the service signed it or not."""
+        if not extra_args and not self.server_rules:  # a plain request, or one of vLLM's dummy batches
             return None, {}
         if req_id not in self.resolved:
             self.resolved[req_id] = (None, {})
@@ -124,24 +130,29 @@ class SteeringRuntime:
             except UnauthenticatedSpec as exc:
                 self._reject("unauthenticated")
                 logger.warning("request %s: %s; served without steering", req_id, exc)
-                return self.resolved[req_id]
+                admitted = None
             if admitted is not None:
                 key, spec_json = admitted
                 self.readouts.resume(key)  # (again, after a preemption: it is live)
                 self.resolved[req_id] = (key, self._plans(req_id, key, spec_json))
+            elif self.server_rules:
+                self.resolved[req_id] = (None, self._plans(req_id, None, "{}"))
         return self.resolved[req_id]
 
-    def _plans(self, req_id: str, key: str, spec_json: str) -> dict[str, RequestPlan]:
+    def _plans(self, req_id: str, key: str | None, spec_json: str) -> dict[str, RequestPlan]:
         try:
-            request = resolve(RequestSpec.model_validate_json(spec_json), self.registry)
+            spec = RequestSpec.model_validate_json(spec_json)
+            request = resolve(spec.model_copy(update={"server_guardrails": list(self.server_rules)}), self.registry)
         except (ValidationError, SpecError) as exc:  # the service checked it: a deployment out of step
             self._reject("invalid")
             logger.error("admitted spec %s is invalid on this worker: %s", key, exc)
-            self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
+            if key is not None:
+                self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
             return {}
         plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes)
         states = guard_states(plans)
-        self.readouts.guard(key, states)
+        if key is not None:
+            self.readouts.guard(key, states)
         if aborts := [s for s in states if s.rule.action == "abort"]:
             self.abort_rules[req_id] = aborts
         return plans
@@ -168,7 +179,8 @@ class SteeringRuntime:
         self._forget(set(self.resolved) - set(live))
         resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
         plans, keys = [p for _, p in resolved], [k for k, _ in resolved]
-        self.aborts = [(row, self.abort_rules[rid]) for row, rid in enumerate(batch.req_ids) if rid in self.abort_rules]
+        self.aborts = [(row, self.abort_rules[rid], self._abort_token(live, rid))
+                       for row, rid in enumerate(batch.req_ids) if rid in self.abort_rules]
         self.step = None
         if batch.req_ids and (self.monitoring or any(plans)):
             layout = batch.layout()
@@ -237,15 +249,24 @@ class SteeringRuntime:
         if self.monitoring:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
 
+    def _abort_token(self, live: Any, req_id: str) -> int:
+        """What ends ``req_id``: the stop token when the service added it to the request's
+        stop_token_ids, else the EOS (a request that came by a route the service does not wrap)."""
+        params = getattr(live.get(req_id) if hasattr(live, "get") else None, "sampling_params", None)
+        stops = getattr(params, "stop_token_ids", None) or ()
+        return int(self.stop_token if self.stop_token in stops or self.eos_token is None else self.eos_token)
+
     def force_stops(self, sampled: torch.Tensor) -> torch.Tensor:
         """The step's sampled tokens (rows in batch order), with the stop token for every request
         whose abort rule has fired: vLLM's own stop check then ends it. No host sync."""
         if not self.aborts or self.stop_token is None:
             return sampled
         stop = torch.zeros(sampled.shape[0], dtype=torch.bool, device=sampled.device)
-        for row, states in self.aborts:
+        token = torch.zeros_like(sampled)
+        for row, states, stop_token in self.aborts:
             stop[row] = aborting(states).to(sampled.device)
-        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)), self.stop_token, sampled)
+            token[row] = stop_token
+        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)), token, sampled)
 
     def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
         """Each key's readouts and error, removed from the worker."""

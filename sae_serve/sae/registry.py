@@ -108,7 +108,7 @@ class LinearProbe:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The probe's value on each row of ``x`` (rows, d_in)."""
-        logit = x @ self.direction + self.bias
+        logit = x.float() @ self.direction.float() + self.bias  # float32: thresholds near 1 stay meaningful
         return torch.sigmoid(logit) if self.sigmoid else logit
 
 

@@ -54,7 +54,9 @@ def _steering(s: Any) -> dict[str, Any]:
 
 def _guardrail(g: Any) -> dict[str, Any]:
     when, kind = g.when, g.when.above.WhichOneof("kind")
-    trigger: dict[str, Any] = {"probe": when.probe} if when.probe else {"sae": when.sae, "feature": _ref(when.feature)}
+    trigger: dict[str, Any] = {"probe": when.probe} if when.probe else {}
+    if when.sae or when.HasField("feature") or not when.probe:  # both sent: the same error as HTTP
+        trigger |= {"sae": when.sae, "feature": _ref(when.feature)}
     trigger["above"] = {kind: getattr(when.above, kind)} if kind else {}
     trigger |= {name: getattr(when, name) for name in ("tokens", "window") if getattr(when, name)}
     if when.HasField("positions"):
@@ -142,10 +144,10 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
                 message.finish_reason = completion.finish_reason or ""
             # A request that only steers is checked for a worker's error on its first and last message.
             if prepared is not None and (prepared.readout_sae is not None or first or output.finished):
-                await self._attach(message, prepared, output.finished)
+                await self._attach(message, prepared, output.finished, completion.stop_reason)
             yield message
 
-    async def _attach(self, message: Any, prepared: Any, finished: bool) -> None:
+    async def _attach(self, message: Any, prepared: Any, finished: bool, stop_reason: object = None) -> None:
         """Activations of the tokens computed since the previous message; the steering applied and
         the guardrails fired at the end."""
         collected = await self.service.collect(self.engine, prepared)
@@ -155,7 +157,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
                                     value=a.value)
             for f in collected.guardrails:
                 message.guardrails.add(name=f["name"], action=ACTION_OF[f["action"]], token_index=f["token_index"])
-            if collected.aborted:
+            if self.service.ended_by_guardrail(collected, message.finish_reason, stop_reason):
                 message.finish_reason = GUARDRAIL_STOP
         features = collected.features
         if features is not None:

@@ -85,6 +85,9 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         request.vllm_xargs = {**xargs, **prepared.engine.extra_args}
         request.cache_salt = prepared.engine.cache_salt
         if prepared.aborts:  # the workers emit it for a request a guardrail aborts; vLLM then stops it
+            if (field := _structured(request)) is not None:  # its grammar would refuse the stop token: a 500
+                return _error(400, f"{field} cannot be combined with guardrails that abort (this server's own "
+                              "included): the grammar would refuse the stop token", field)
             request.stop_token_ids = [*(request.stop_token_ids or []), service.stop_token()]
         try:
             response = await vllm_handler(request, raw_request)
@@ -104,19 +107,31 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
             return _error(500, str(exc), None)
         if (sae := service.response_object(prepared, collected)) is not None:
             body["sae"] = sae
-        _mark_aborted(body, collected)
+        _mark_aborted(body, collected, service)
         return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
                                                    if k.lower() not in ("content-length", "content-type")})
 
     return route
 
 
-def _mark_aborted(body: dict[str, Any], collected: Collected) -> None:
+def _mark_aborted(body: dict[str, Any], collected: Collected, service: SteeringService) -> None:
     """A guardrail's abort ends the choice with OpenAI's content_filter (vLLM saw the stop token)."""
-    if collected.aborted:
-        for choice in body.get("choices", []):
-            if choice.get("finish_reason"):
-                choice["finish_reason"], choice["stop_reason"] = GUARDRAIL_STOP, None
+    for choice in body.get("choices", []):
+        if service.ended_by_guardrail(collected, choice.get("finish_reason"), choice.get("stop_reason")):
+            choice["finish_reason"], choice["stop_reason"] = GUARDRAIL_STOP, None
+
+
+def _structured(request: Any) -> str | None:
+    """The field that makes vLLM constrain the output to a grammar, if any."""
+    response_format = getattr(request, "response_format", None)
+    if response_format is not None and getattr(response_format, "type", "text") != "text":
+        return "response_format"
+    if getattr(request, "structured_outputs", None) is not None:
+        return "structured_outputs"
+    tool_choice = getattr(request, "tool_choice", None)
+    if getattr(request, "tools", None) and tool_choice not in (None, "none", "auto"):
+        return "tool_choice"
+    return None
 
 
 def _fan_out(request: Any) -> dict[str, int]:
@@ -156,7 +171,7 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                 if finished:
                     if (sae := service.response_object(prepared, collected)) is not None:
                         body["sae"] = sae
-                    _mark_aborted(body, collected)
+                    _mark_aborted(body, collected, service)
                 elif collected.features is not None and collected.features["tokens"]:
                     body["sae"] = {"features": collected.features}
                 else:

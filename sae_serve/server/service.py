@@ -47,7 +47,7 @@ class PreparedRequest:
     response carries no ``sae`` object unless they are revealed and fired)."""
     aborts: bool = False
     """Some guardrail on it (its own or the server's) may abort it: vLLM must stop on the stop token."""
-    counted: set[str] = field(default_factory=set, compare=False)
+    counted: set[tuple[str, str]] = field(default_factory=set, compare=False)
     """The rules already counted in the metrics (a stream collects several times)."""
 
 
@@ -60,7 +60,8 @@ class Collected:
     guardrails: list[dict[str, Any]]
     """The rules that fired that the client may see: name, action and token_index (sequence position)."""
     aborted: bool
-    """A guardrail (the request's or the server's) ended it."""
+    """An abort rule (the request's or the server's) fired; ``SteeringService.ended_by_guardrail``
+    tells whether that is what ended the output."""
 
 
 class SteeringService:
@@ -116,6 +117,7 @@ class SteeringService:
         try:
             resolved = resolve(spec, self.registry)
             self.policy.check(spec, resolved, self.registry)
+            self._check_upstream(resolved)
         except PolicyError as exc:
             self.metrics.refused.labels("policy_forbidden" if exc.forbidden else "policy_limit").inc()
             raise
@@ -141,6 +143,26 @@ class SteeringService:
         assert self.capabilities is not None and self.capabilities.stop_token is not None
         return self.capabilities.stop_token
 
+    def ended_by_guardrail(self, collected: Collected, finish_reason: str | None, stop_reason: object) -> bool:
+        """Whether an output that finished so was ended by an abort rule (``WorkerCapabilities``)."""
+        caps = self.capabilities
+        return caps is not None and caps.ended_by_guardrail(collected.aborted, finish_reason, stop_reason)
+
+    def _check_upstream(self, resolved: ResolvedRequest) -> None:
+        """The server's own triggers must read the stream as the model computes it: a request may not
+        steer before them (an earlier layer, or another SAE of the same layer)."""
+        layer = {name: loaded.sae.site_layer for name, loaded in self.registry.saes.items()}
+        triggers = [(rule.site, layer[rule.site]) for rule in resolved.guardrails if rule.server]
+        if not triggers:
+            return
+        edited = set(resolved.edits) | set(resolved.vectors)
+        for rule in resolved.guardrails:
+            edited |= set() if rule.server else set(rule.edits) | set(rule.vectors)
+        for name in sorted(edited):
+            if any(layer[name] < at or (layer[name] == at and name != site) for site, at in triggers):
+                raise PolicyError("steering", f"SAE {name!r} may not be steered on this server: its guardrails read "
+                                  f"the stream at layer {max(at for _, at in triggers)}, unsteered", forbidden=True)
+
     def _check_capacity(self, resolved: ResolvedRequest, fan_out: dict[str, int]) -> None:
         """What the workers could not run whole, or could hold only past the limits."""
         if fan_out.get("use_beam_search"):  # vLLM's beam search builds its own sampling params: unsteered
@@ -164,9 +186,11 @@ class SteeringService:
             self.metrics.refused.labels("worker_error").inc()
             raise WorkerError(f"the engine could not serve this request as admitted: {reply.error}")
         for fired in reply.guardrails:
-            if fired["name"] not in prepared.counted:
-                prepared.counted.add(fired["name"])
-                self.metrics.guardrail_triggered.labels(fired["name"], fired["action"]).inc()
+            # A request's own rules count under one label: their names are the client's (unbounded).
+            rule = fired["name"] if fired["server"] else "request"
+            if (rule, fired["name"]) not in prepared.counted:
+                prepared.counted.add((rule, fired["name"]))
+                self.metrics.guardrail_triggered.labels(rule, fired["action"]).inc()
         shown = [{"name": f["name"], "action": f["action"], "token_index": f["position"]} for f in reply.guardrails
                  if not f["server"] or self.policy.reveal_server_guardrails]
         aborted = any(f["action"] == "abort" for f in reply.guardrails)

@@ -30,6 +30,7 @@ class GuardState:
     rule: ResolvedGuardrail
     fired: torch.Tensor  # () int64: the sequence position where the rule fired; -1 before
     history: torch.Tensor  # (window - 1,) bool: the latest watched tokens before this step's, oldest first
+    watched_to: int = 0  # positions below this were watched (a preempted request computes them again)
 
     @classmethod
     def new(cls, rule: ResolvedGuardrail, device: torch.device) -> GuardState:
@@ -38,11 +39,12 @@ class GuardState:
 
     def observe(self, values: torch.Tensor, first_position: int, scope: tuple[int, int]) -> None:
         """Take one step's trigger values (rows of one request, positions from ``first_position``);
-        only rows in ``scope`` [a, b) are watched."""
-        a, b = scope
+        only rows in ``scope`` [a, b) not watched before are."""
+        a, b = max(scope[0], self.watched_to - first_position), scope[1]
         if b <= a:
             return
-        seq = torch.cat([self.history, values[a:b] > self.rule.threshold])
+        self.watched_to = first_position + b
+        seq = torch.cat([self.history, values[a:b].float() > self.rule.threshold])
         counts = torch.nn.functional.pad(seq.long().cumsum(0), (1, 0))
         window = self.rule.window
         hits = (counts[window:] - counts[: b - a]) >= self.rule.tokens  # per watched row: k of the last n
@@ -95,3 +97,25 @@ def firings(states: list[GuardState]) -> list[Firing]:
     """The rules that have fired (this reads the device: call it when answering, not per step)."""
     fired = torch.stack([s.fired for s in states]).tolist() if states else []
     return [Firing(s.rule.name, s.rule.action, p, s.rule.server) for s, p in zip(states, fired, strict=True) if p >= 0]
+
+
+def _first(token: object) -> int | None:
+    return token[0] if isinstance(token, list | tuple) and token else token if isinstance(token, int) else None
+
+
+def eos_token(config: object) -> int | None:
+    """A model config's end-of-sequence token (the first, when it declares several)."""
+    return _first(getattr(config, "eos_token_id", None))
+
+
+def stop_token(config: object) -> tuple[int | None, bool]:
+    """(the token the sampler emits for a request a guardrail aborts, whether it marks the abort),
+    from a model config: a special token that is not end-of-sequence (BOS, else padding), so that
+    vLLM reports it as the request's stop_reason and an abort is never mistaken for a natural end;
+    else the EOS, unmarked (then an EOS right after a firing reads as an abort)."""
+    eos = eos_token(config)
+    for name in ("bos_token_id", "pad_token_id"):
+        token = _first(getattr(config, name, None))
+        if token is not None and token != eos:
+            return token, True
+    return eos, False

@@ -86,7 +86,7 @@ class Policy(BaseModel):
             raise PolicyError(f"{field}.action", f"guardrails may not {rule.action} on this server "
                               f"(allowed: {list(self.guardrail_actions)})", forbidden=True)
         if resolved.probe is not None:
-            if self.probes is not None and resolved.probe not in self.probes:
+            if not self.allow_readout or (self.probes is not None and resolved.probe not in self.probes):
                 raise PolicyError(f"{field}.when.probe", f"probe {resolved.probe!r} may not be read on this server",
                                   forbidden=True)
         elif not self.allow_readout or not self._readable(resolved.site, int(resolved.feature or 0), registry):

@@ -341,21 +341,43 @@ def _resolve_guardrail(rule: Guardrail, registry: SaeRegistry, field: str, serve
     vectors = _vectors(steering, registry, f"{field}.steering")
     layer = registry.saes[site].sae.site_layer
     for name in set(edits) | set(vectors):
-        if registry.saes[name].sae.site_layer < layer:
+        if name != site and registry.saes[name].sae.site_layer <= layer:
             raise SpecError(f"{field}.steering", f"SAE {name!r} reads layer {registry.saes[name].sae.site_layer}, "
-                            f"before the trigger's layer {layer}: a guardrail steers at its trigger's layer or later")
+                            f"not after the trigger's layer {layer}: a guardrail steers at its trigger's SAE or a "
+                            "later layer")
     return ResolvedGuardrail(rule.name, rule.action, site, feature, rule.when.probe,
                              _threshold(rule, registry, site, feature, field), rule.when.tokens, rule.when.window,
                              rule.when.positions, edits, vectors, applied, server)
 
 
-def _guardrails(spec: RequestSpec, registry: SaeRegistry) -> tuple[ResolvedGuardrail, ...]:
+def _guardrails(spec: RequestSpec, registry: SaeRegistry,
+                own: tuple[AppliedIntervention, ...]) -> tuple[ResolvedGuardrail, ...]:
     rules = [(rule, f"guardrails[{i}]", False) for i, rule in enumerate(spec.guardrails)]
     rules += [(rule, f"server_guardrails[{i}]", True) for i, rule in enumerate(spec.server_guardrails)]
     for i, rule in enumerate(spec.guardrails):
         if any(prev.name == rule.name for prev in spec.guardrails[:i]):
             raise SpecError(f"guardrails[{i}].name", f"guardrail {rule.name!r} is named twice")
-    return tuple(_resolve_guardrail(rule, registry, field, server) for rule, field, server in rules)
+    resolved = tuple(_resolve_guardrail(rule, registry, field, server) for rule, field, server in rules)
+    _no_stacking(spec, own, resolved)
+    return resolved
+
+
+def _no_stacking(spec: RequestSpec, own: tuple[AppliedIntervention, ...], rules: tuple[ResolvedGuardrail, ...]) -> None:
+    """A request's edits add up: the same feature or vector twice, in its steering and its rules,
+    would get past the policy's strength limits (or undo another rule), so each may appear once."""
+    features = {(a.sae, a.feature) for a in own}
+    vectors = {v.name for v in (spec.steering.vectors if spec.steering else ())}
+    for i, (rule, resolved) in enumerate(zip(spec.guardrails, rules, strict=False)):
+        for j, applied in enumerate(resolved.applied):
+            if (applied.sae, applied.feature) in features:
+                raise SpecError(f"guardrails[{i}].steering.interventions[{j}].feature", f"feature {applied.feature} "
+                                f"of SAE {applied.sae!r} is already edited by this request")
+            features.add((applied.sae, applied.feature))
+        for j, vector in enumerate(rule.steering.vectors if rule.steering else ()):
+            if vector.name in vectors:
+                raise SpecError(f"guardrails[{i}].steering.vectors[{j}].name", f"steering vector {vector.name!r} is "
+                                "already added by this request")
+            vectors.add(vector.name)
 
 
 def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
@@ -372,5 +394,5 @@ def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
         positions=steering.positions,
         readout=_readout(spec.return_features, registry) if spec.return_features else None,
         applied=applied,
-        guardrails=_guardrails(spec, registry),
+        guardrails=_guardrails(spec, registry, applied),
     )

@@ -111,7 +111,8 @@ def test_bad_or_forbidden_rules_are_refused_naming_the_field(guarded) -> None:
              (rule("abort", {"probe": "nope", "above": {"value": 1}}), 400, "guardrails[0].when.probe"),
              (rule("abort", {**FRENCH, "tokens": 4, "window": 2}), 400, "guardrails[0].when"),
              ({"guardrails": "all of them"}, 400, "guardrails"),
-             ({"n": 2}, 400, "n")]  # the server's own rule watches one sequence per request
+             ({"n": 2}, 400, "n"),  # the server's own rule watches one sequence per request
+             ({"response_format": {"type": "json_object"}}, 400, "response_format")]  # its grammar vs the stop
     for extra, status, field in cases:
         response = complete(guarded, **extra)
         assert response.status_code == status, (extra, response.text)

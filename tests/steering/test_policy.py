@@ -186,3 +186,38 @@ def test_the_servers_own_guardrails_join_every_request_and_a_bad_one_stops_the_s
     bad = rule.model_copy(update={"when": rule.when.model_copy(update={"feature": "nope"})})
     with pytest.raises(SaeServeError, match=r"config guardrails: server_guardrails\[0\].when.feature"):
         SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),), guardrails=(bad,)))
+
+
+def test_a_request_cannot_stack_edits_nor_steer_before_the_servers_triggers(tmp_path) -> None:
+    from sae_serve.sae.registry import registry_of
+    from sae_serve.steering.spec import Guardrail, resolve
+
+    registry = registry_of({"early": make_sae("relu", 16, 64, hook_layer=0),
+                            "late": make_sae("relu", 16, 64, seed=1)})
+    add = {"interventions": [{"sae": "late", "feature": 3, "mode": "add", "value": 9}]}
+    twice = {"steering": add, "guardrails": [{"name": "g", "action": "steer", "steering": add,
+                                              "when": {"sae": "late", "feature": 1, "above": {"value": 0}}}]}
+    with pytest.raises(SpecError, match="already edited by this request") as info:
+        resolve(RequestSpec.model_validate(twice), registry)
+    assert info.value.field == "guardrails[0].steering.interventions[0].feature"
+
+    save_sae(registry.saes["early"].sae, tmp_path / "early")
+    save_sae(registry.saes["late"].sae, tmp_path / "late")
+    service = SteeringService(SaeServeConfig(saes=(SaeEntry(name="early", path=str(tmp_path / "early")),
+                                                   SaeEntry(name="late", path=str(tmp_path / "late")))))
+    service.server_guardrails = [Guardrail.model_validate({"name": "watch", "action": "flag", "when": {
+        "sae": "late", "feature": 1, "above": {"value": 5}}})]
+    upstream = RequestSpec.model_validate({"steering": {"interventions": [
+        {"sae": "early", "feature": 3, "mode": "add", "value": 9}]}})
+    err = refused(service, upstream)  # it would change what the server's trigger at layer 1 reads
+    assert (err.field, err.forbidden) == ("steering", True)
+    assert service.prepare(RequestSpec.model_validate({"steering": {"interventions": [
+        {"sae": "late", "feature": 3, "mode": "add", "value": 9}]}})) is not None  # at the trigger's SAE: fine
+
+
+def test_the_config_refuses_a_server_wide_steer_rule() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="a server-wide guardrail aborts or flags"):
+        SaeServeConfig.model_validate({"guardrails": [{"name": "s", "action": "steer", "when": {
+            "sae": "l1", "feature": 1, "above": {"value": 1}}, "steering": {"interventions": []}}]})
