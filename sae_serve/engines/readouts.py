@@ -18,7 +18,7 @@ import torch
 
 from sae_serve.config import LimitsConfig
 from sae_serve.engines.protocol import Readout, WorkerReply
-from sae_serve.steering.guardrails import GuardState, firings
+from sae_serve.steering.guardrails import GuardState, firings, release
 from sae_serve.steering.hook import FeatureActivations
 
 
@@ -100,22 +100,27 @@ class ReadoutStore:
     def expire(self) -> None:
         cutoff = self.clock() - self.ttl_s
         for key in [k for k, e in self._entries.items() if e.finished_at is not None and e.finished_at < cutoff]:
-            del self._entries[key]
+            release(self._entries.pop(key).guards)
 
     def guard(self, key: str, states: list[GuardState]) -> None:
         """The request's guardrails: every pop reports those that have fired so far."""
         if states:
-            self._entries.setdefault(key, _Entry()).guards = states
+            entry = self._entries.setdefault(key, _Entry())
+            release(entry.guards)  # (planned again after leaving the runner: the new rows count)
+            entry.guards = states
 
     def pop(self, key: str) -> WorkerReply:
-        """The entry's readouts and error, and the rules fired so far; a live request's rules stay."""
+        """The entry's readouts and error, and the rules fired so far; a live request's rules stay,
+        a finished one's free their table rows."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return WorkerReply()
+        fired = [asdict(f) for f in firings(entry.guards)]
         if entry.guards and entry.finished_at is None:
             self._entries[key] = _Entry(guards=entry.guards)
-        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()},
-                           [asdict(f) for f in firings(entry.guards)])
+        else:
+            release(entry.guards)
+        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()}, fired)
 
 
 def _nbytes(acts: FeatureActivations) -> int:

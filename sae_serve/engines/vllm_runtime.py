@@ -30,7 +30,7 @@ from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
 from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
-from sae_serve.steering.guardrails import GuardState, aborting
+from sae_serve.steering.guardrails import GuardState, GuardTable, aborting, release
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
 from sae_serve.steering.spec import Guardrail, RequestSpec, resolve
@@ -95,6 +95,9 @@ class SteeringRuntime:
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
                      if self.local is None or name in self.local}
+        device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
+        self.guard_table = GuardTable(device)  # every live request's rules
+        self.rule_states: dict[str, list[GuardState]] = {}  # by request id: its rules' states
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
@@ -149,8 +152,10 @@ class SteeringRuntime:
             if key is not None:
                 self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
             return {}
-        plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes)
+        plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes,
+                            table=self.guard_table)
         states = guard_states(plans)
+        self.rule_states[req_id] = states
         if key is not None:
             self.readouts.guard(key, states)
         if aborts := [s for s in states if s.rule.action == "abort"]:
@@ -196,6 +201,9 @@ class SteeringRuntime:
         for req_id in gone:
             key, _ = self.resolved.pop(req_id)
             self.abort_rules.pop(req_id, None)
+            states = self.rule_states.pop(req_id, [])
+            if key is None:  # (an admitted request's rules stay in its readout entry until fetched)
+                release(states)
             if key is not None:
                 self.readouts.finish(key)
         self.readouts.expire()

@@ -2,60 +2,127 @@
 site, and a steer rule's edit switches on from the token where it fired.
 
 A rule fires at the first token (in its ``positions``) where at least ``tokens`` of the last
-``window`` such tokens were above its threshold. The state a rule keeps per request is two small
-tensors on the SAE's device (the position where it fired, and the last window - 1 above/below
-bits), updated with tensor ops only, so no step waits for the host to decide. What the rule then
-does:
-- ``steer``: its edits apply to every token from the firing one on (the gate below), at the
-  trigger's layer or later, so tokens before it are exactly the unsteered run's;
-- ``abort``: the engine's sampler emits the stop token for the request from then on
-  (``abort_rows``), so vLLM ends it there through its own stop check;
+``window`` such tokens were above its threshold. Every live rule of an engine keeps its state in
+one table on the device (``GuardTable``: where it fired, and its last watched above/below bits),
+and each step updates every rule read at a site at once, with a fixed number of tensor operations
+whatever the number of requests and rules, and no step waits for the host to decide. What a rule
+then does:
+- ``steer``: its edits apply to every token from the firing one on (``GuardState.gate``), at the
+  trigger's SAE or a later layer, so tokens before it are exactly the unsteered run's;
+- ``abort``: the engine's sampler emits the stop token for the request from then on, so vLLM ends
+  it there through its own stop check;
 - ``flag``: nothing changes; the position is reported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sae_serve.sae.registry import LinearProbe
-from sae_serve.steering.spec import ResolvedGuardrail
+from sae_serve.steering.spec import MAX_WINDOW, ResolvedGuardrail
+
+HISTORY = MAX_WINDOW - 1
+"""Watched bits kept per rule (newest last): a window of n reads the last n - 1 of them."""
+
+
+class GuardTable:
+    """The state of every live rule of one engine, on one device; a rule's state is one row (slot)."""
+
+    def __init__(self, device: torch.device | str, capacity: int = 64) -> None:
+        self.fired = torch.full((capacity,), -1, dtype=torch.long, device=device)  # position it fired at; -1
+        self.history = torch.zeros((capacity, HISTORY), dtype=torch.bool, device=device)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def allocate(self, rule: ResolvedGuardrail) -> GuardState:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.fired[slot] = -1
+        self.history[slot] = False
+        return GuardState(rule, self, slot)
+
+    def release(self, states: list[GuardState]) -> None:
+        self._free += [s.slot for s in states]
+
+    def _grow(self) -> None:
+        n = len(self.fired)
+        self.fired = torch.cat([self.fired, torch.full_like(self.fired, -1)])
+        self.history = torch.cat([self.history, torch.zeros_like(self.history)])
+        self._free = list(range(2 * n - 1, n - 1, -1))
+
+    def observe(self, values: torch.Tensor, watched: list[Watched]) -> None:
+        """One step at one site: ``values`` (rows, columns) holds every trigger's values, and each
+        ``Watched`` says which rows and column are its rule's; all rules are updated at once."""
+        g, m = len(watched), max(w.count for w in watched)
+        rows, valid = np.zeros((g, m), dtype=np.int64), np.zeros((g, m), dtype=bool)
+        for i, w in enumerate(watched):
+            rows[i, : w.count] = np.arange(w.row, w.row + w.count)
+            valid[i, : w.count] = True
+        device = self.fired.device
+
+        def tensor(items: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(items, dtype=dtype, device=device)
+
+        slots = tensor([w.state.slot for w in watched], torch.long)
+        threshold = tensor([w.state.rule.threshold for w in watched], torch.float32)
+        tokens, window = (tensor([getattr(w.state.rule, k) for w in watched], torch.long) for k in ("tokens", "window"))
+        picked = values[torch.from_numpy(rows).to(device), tensor([w.column for w in watched], torch.long)[:, None]]
+        real = torch.from_numpy(valid).to(device)
+        above = (picked.float() > threshold[:, None]) & real
+        seq = torch.cat([self.history[slots], above], dim=1)  # (g, HISTORY + m): each row's bits, oldest first
+        counts = F.pad(seq.long().cumsum(1), (1, 0))
+        ends = torch.arange(HISTORY + 1, HISTORY + 1 + m, device=device)  # one past each watched bit
+        in_window = counts[:, HISTORY + 1:] - counts.gather(1, ends[None, :] - window[:, None])
+        hits = (in_window >= tokens[:, None]) & real
+        first = tensor([w.first_position for w in watched], torch.long) + hits.int().argmax(1)
+        old = self.fired[slots]
+        self.fired[slots] = torch.where(old >= 0, old, torch.where(hits.any(1), first, -1))
+        kept = tensor([w.count for w in watched], torch.long)[:, None] + torch.arange(HISTORY, device=device)
+        self.history[slots] = seq.gather(1, kept)
 
 
 @dataclass
 class GuardState:
-    """One request's state of one rule, shared by the SAE sites the rule spans."""
+    """One request's state of one rule (its row of the table), shared by the SAE sites it spans."""
 
     rule: ResolvedGuardrail
-    fired: torch.Tensor  # () int64: the sequence position where the rule fired; -1 before
-    history: torch.Tensor  # (window - 1,) bool: the latest watched tokens before this step's, oldest first
+    table: GuardTable
+    slot: int
     watched_to: int = 0  # positions below this were watched (a preempted request computes them again)
 
-    @classmethod
-    def new(cls, rule: ResolvedGuardrail, device: torch.device) -> GuardState:
-        return cls(rule, torch.full((), -1, dtype=torch.long, device=device),
-                   torch.zeros(rule.window - 1, dtype=torch.bool, device=device))
+    @property
+    def fired(self) -> torch.Tensor:
+        """() int64: the sequence position where the rule fired; -1 before."""
+        return self.table.fired[self.slot]
 
-    def observe(self, values: torch.Tensor, first_position: int, scope: tuple[int, int]) -> None:
-        """Take one step's trigger values (rows of one request, positions from ``first_position``);
-        only rows in ``scope`` [a, b) not watched before are."""
+    def watch(self, column: int, row: int, first_position: int, scope: tuple[int, int]) -> Watched | None:
+        """This step's watched rows of the request (``row``: its first row in the values; ``scope``:
+        [a, b) among them), but those watched before; None when there are none."""
         a, b = max(scope[0], self.watched_to - first_position), scope[1]
         if b <= a:
-            return
+            return None
         self.watched_to = first_position + b
-        seq = torch.cat([self.history, values[a:b].float() > self.rule.threshold])
-        counts = torch.nn.functional.pad(seq.long().cumsum(0), (1, 0))
-        window = self.rule.window
-        hits = (counts[window:] - counts[: b - a]) >= self.rule.tokens  # per watched row: k of the last n
-        position = torch.where(hits.any(), first_position + a + hits.int().argmax(), -1)
-        self.fired = torch.where(self.fired >= 0, self.fired, position)
-        self.history = seq[len(seq) - (window - 1):]
+        return Watched(self, column, row + a, b - a, first_position + a)
 
     def gate(self, positions: torch.Tensor) -> torch.Tensor:
-        """(rows,) 1 where the rule has fired at or before the row's position, else 0."""
+        """(rows, 1) True where the rule has fired at or before the row's position."""
         fired = self.fired.to(positions.device)
         return ((fired >= 0) & (positions >= fired)).unsqueeze(1)
+
+
+class Watched(NamedTuple):
+    """A rule's rows in one step's trigger values."""
+
+    state: GuardState
+    column: int
+    row: int
+    count: int
+    first_position: int
 
 
 @dataclass(frozen=True)
@@ -63,15 +130,11 @@ class GuardPlan:
     """One rule's work at one SAE site for one request."""
 
     state: GuardState
-    trigger_column: int | None  # the trigger feature's column among the plan's features (read here)
-    probe: LinearProbe | None  # the trigger probe (read here)
+    reads: bool  # its trigger is read here
+    probe: LinearProbe | None  # the trigger probe, when the trigger is one
     mult: torch.Tensor | None  # steer: (m,) over the plan's features, 1 outside the rule's edit
     offset: torch.Tensor | None  # steer: (m,), 0 outside the rule's edit
     vector: torch.Tensor | None  # steer: (d_in,) summed steering vectors
-
-    @property
-    def reads(self) -> bool:
-        return self.trigger_column is not None or self.probe is not None
 
     @property
     def steers(self) -> bool:
@@ -79,8 +142,8 @@ class GuardPlan:
 
 
 def aborting(states: list[GuardState]) -> torch.Tensor:
-    """() bool: whether any of a request's abort rules has fired."""
-    return torch.stack([s.fired for s in states]).ge(0).any()
+    """() bool: whether any of a request's abort rules has fired (they share one table)."""
+    return states[0].table.fired[[s.slot for s in states]].ge(0).any()
 
 
 @dataclass(frozen=True)
@@ -95,7 +158,7 @@ class Firing:
 
 def firings(states: list[GuardState]) -> list[Firing]:
     """The rules that have fired (this reads the device: call it when answering, not per step)."""
-    fired = torch.stack([s.fired for s in states]).tolist() if states else []
+    fired = states[0].table.fired[[s.slot for s in states]].tolist() if states else []
     return [Firing(s.rule.name, s.rule.action, p, s.rule.server) for s, p in zip(states, fired, strict=True) if p >= 0]
 
 
@@ -119,3 +182,9 @@ def stop_token(config: object) -> tuple[int | None, bool]:
         if token is not None and token != eos:
             return token, True
     return eos, False
+
+
+def release(states: list[GuardState]) -> None:
+    """Free the table rows of rules no one will read again."""
+    if states:
+        states[0].table.release(states)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from sae_serve.sae.model import SparseAutoencoder
@@ -79,16 +80,44 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
     return delta, first, readout
 
 
+def observe_triggers(hidden: torch.Tensor, residual: torch.Tensor | None, sae: SparseAutoencoder,
+                     plan: SaePlan) -> None:
+    """Read every trigger of this site in the step, on the unedited stream (hidden + residual), and
+    update their rules at once: one encode of the trigger features and one matmul per probe over
+    the rows of the requests that have rules here, then one table update (``GuardTable.observe``)."""
+    segs = [seg for seg in plan if any(g.reads for g in seg.plan.guards)]
+    if not segs:
+        return
+    index = torch.from_numpy(np.concatenate([np.arange(s.rows.start, s.rows.end) for s in segs]))
+    index = index.to(hidden.device)
+    x = hidden[index] if residual is None else hidden[index] + residual[index]
+    guards = [g for seg in segs for g in seg.plan.guards if g.reads]
+    features = sorted({g.state.rule.feature for g in guards if g.probe is None})
+    probes = {g.probe.name: g.probe for g in guards if g.probe is not None}
+    columns = []
+    if features:
+        chosen = torch.tensor(features, device=hidden.device)
+        columns.append((sae.encode(x)[:, chosen] if sae.cfg.architecture == "topk"
+                        else sae.encode_subset(x, sae.subset(chosen))).float())
+    columns += [probe(x).unsqueeze(1) for probe in probes.values()]
+    column = {f: j for j, f in enumerate(features)} | {name: len(features) + j for j, name in enumerate(probes)}
+    watched, row = [], 0
+    for seg in segs:
+        for g in (g for g in seg.plan.guards if g.reads):
+            rule = g.state.rule
+            w = g.state.watch(column[rule.feature if g.probe is None else rule.probe], row,
+                              seg.rows.first_position, seg.rows.scope(rule.positions))
+            watched += [w] if w is not None else []
+        row += seg.rows.end - seg.rows.start
+    for table in {id(w.state.table): w.state.table for w in watched}.values():
+        table.observe(torch.cat(columns, dim=1), [w for w in watched if w.state.table is table])
+
+
 def _guardrails(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment, acts: torch.Tensor,
                 delta: torch.Tensor | None, first: int) -> tuple[torch.Tensor | None, int]:
-    """Read the triggers of the rules watched here, then add the edits of the steer rules that have
-    fired, on the rows from their firing token on: (delta over every row from offset 0, 0)."""
+    """Add the edits of the steer rules that have fired, on the rows from their firing token on
+    (``observe_triggers`` read this step's triggers first): (delta over every row from offset 0, 0)."""
     plan, rows = seg.plan, seg.rows
-    for guard in plan.guards:  # triggers first: a rule read here gates its own edit from the same token
-        if guard.reads:
-            values = acts[:, guard.trigger_column] if guard.trigger_column is not None else (
-                guard.probe(x_rows.to(sae.dtype)))  # type: ignore[misc]
-            guard.state.observe(values, rows.first_position, rows.scope(guard.state.rule.positions))
     steering = [g for g in plan.guards if g.steers]
     if not steering:
         return delta, first
@@ -112,6 +141,7 @@ def read_features(seg: Segment, acts: torch.Tensor) -> FeatureActivations:
 
 def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> HookResult:
     """Edit and read ``x`` (tokens, d_in) as ``plan`` says; an empty plan does no work."""
+    observe_triggers(x, None, sae, plan)
     readouts, out = {}, x
     for seg in plan:
         delta, first, readout = _run_segment(x[seg.rows.start : seg.rows.end], sae, seg)
@@ -128,6 +158,7 @@ def apply_plan_split_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseA
                       plan: SaePlan) -> dict[int, FeatureActivations]:
     """The same for a stream kept in two parts, x = hidden + residual (vLLM defers the residual
     add into the next layer's fused add-norm). Edits ``hidden`` in place; returns the readouts."""
+    observe_triggers(hidden, residual, sae, plan)
     readouts = {}
     for seg in plan:
         start, end = seg.rows.start, seg.rows.end

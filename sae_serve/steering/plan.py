@@ -23,7 +23,7 @@ import torch
 
 from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
 from sae_serve.sae.registry import LinearProbe
-from sae_serve.steering.guardrails import GuardPlan, GuardState
+from sae_serve.steering.guardrails import GuardPlan, GuardState, GuardTable
 from sae_serve.steering.spec import Positions, ResolvedRequest
 
 
@@ -88,15 +88,8 @@ class RequestPlan:
 
 
 def _guard_features(sae_name: str, states: Sequence[GuardState]) -> list[int]:
-    """The features the request's rules read or edit on this SAE."""
-    out: list[int] = []
-    for state in states:
-        rule = state.rule
-        if rule.site == sae_name and rule.feature is not None:
-            out.append(rule.feature)
-        if sae_name in rule.edits:
-            out += rule.edits[sae_name].features
-    return out
+    """The features the request's rules edit on this SAE (triggers are read apart, ``observe_triggers``)."""
+    return [f for state in states if sae_name in state.rule.edits for f in state.rule.edits[sae_name].features]
 
 
 def _guard_plan(sae_name: str, state: GuardState, column: dict[int, int], sae: SparseAutoencoder,
@@ -112,8 +105,7 @@ def _guard_plan(sae_name: str, state: GuardState, column: dict[int, int], sae: S
         for f, a, c in zip(edit.features, edit.mult, edit.offset, strict=True):
             mult[column[f]], offset[column[f]] = a, c
         mult, offset = (t.to(device=sae.W_dec.device, dtype=sae.dtype) for t in (mult, offset))
-    return GuardPlan(state, column[rule.feature] if here and rule.feature is not None else None,
-                     probes[rule.probe] if here and rule.probe is not None else None, mult, offset,
+    return GuardPlan(state, here, probes[rule.probe] if here and rule.probe is not None else None, mult, offset,
                      None if vector is None else vector.to(device=sae.W_dec.device, dtype=sae.dtype))
 
 
@@ -155,11 +147,14 @@ def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder, 
 
 
 def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencoder], slices: bool = True,
-                probes: Mapping[str, LinearProbe] | None = None) -> dict[str, RequestPlan]:
+                probes: Mapping[str, LinearProbe] | None = None, table: GuardTable | None = None
+                ) -> dict[str, RequestPlan]:
     """``prepare`` for every SAE the request names. Each guardrail whose trigger SAE is among
-    ``saes`` gets one state, shared by the plans it spans (``guard_states`` finds them)."""
-    states = [GuardState.new(rule, saes[rule.site].W_dec.device)
-              for rule in (req.guardrails if req else ()) if rule.site in saes]
+    ``saes`` gets one state in ``table``, shared by the plans it spans (``guard_states`` finds them)."""
+    rules = [rule for rule in (req.guardrails if req else ()) if rule.site in saes]
+    if rules and table is None:
+        table = GuardTable(saes[rules[0].site].W_dec.device)
+    states = [table.allocate(rule) for rule in rules] if table is not None else []
     plans = {name: prepare(name, req, sae, slices, states, probes) for name, sae in saes.items()}
     return {name: plan for name, plan in plans.items() if plan is not None}
 
