@@ -30,7 +30,7 @@ from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
 from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
-from sae_serve.steering.guardrails import GuardState, GuardTable, aborting, release
+from sae_serve.steering.guardrails import GuardState, GuardTable, release
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
 from sae_serve.steering.spec import Guardrail, RequestSpec, resolve
@@ -269,12 +269,15 @@ class SteeringRuntime:
         whose abort rule has fired: vLLM's own stop check then ends it. No host sync."""
         if not self.aborts or self.stop_token is None:
             return sampled
-        stop = torch.zeros(sampled.shape[0], dtype=torch.bool, device=sampled.device)
-        token = torch.zeros_like(sampled)
-        for row, states, stop_token in self.aborts:
-            stop[row] = aborting(states).to(sampled.device)
-            token[row] = stop_token
-        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)), token, sampled)
+        device, n = sampled.device, sampled.shape[0]
+        rows = torch.tensor([row for row, states, _ in self.aborts for _ in states], device=device)
+        slots = [state.slot for _, states, _ in self.aborts for state in states]
+        fired = self.guard_table.fired[slots].ge(0).to(device).long()
+        stop = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, rows, fired) > 0
+        token = torch.zeros(n, dtype=sampled.dtype)
+        token[[row for row, _, _ in self.aborts]] = torch.tensor([t for _, _, t in self.aborts], dtype=sampled.dtype)
+        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)),
+                           token.to(device).view(-1, *[1] * (sampled.dim() - 1)), sampled)
 
     def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
         """Each key's readouts and error, removed from the worker."""

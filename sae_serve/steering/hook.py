@@ -55,6 +55,8 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
                  ) -> tuple[torch.Tensor | None, int, FeatureActivations | None]:
     """(delta for the rows from the returned local offset on, or None; that offset; readout)."""
     plan = seg.plan
+    if not (plan.steers or plan.reads or any(g.steers for g in plan.guards)):
+        return None, 0, None  # only watched here (``observe_triggers`` did it)
     if plan.full_encode:
         acts, top = _encode_all(x_rows, sae, plan)
     else:
