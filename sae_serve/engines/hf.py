@@ -18,7 +18,7 @@ from torch import nn
 
 from sae_serve.architectures import decoder_layers
 from sae_serve.sae.registry import LoadedSae, SaeRegistry, registry_of
-from sae_serve.steering.guardrails import Firing, aborting, firings, stop_token
+from sae_serve.steering.guardrails import Firing, aborting, firings
 from sae_serve.steering.hook import FeatureActivations, apply_plan, splice
 from sae_serve.steering.plan import RequestPlan, RequestRows, build_plan, guard_states, prepare_all
 from sae_serve.steering.spec import ResolvedRequest
@@ -180,13 +180,13 @@ class HFEngine:
         logits, cache = self._forward(step, ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None)
         out: list[list[int]] = [[] for _ in range(batch)]
         done, aborted = [False] * batch, [False] * batch
-        eos, stop = self.tokenizer.eos_token_id, stop_token(self.model.config.get_text_config())[0]
+        eos = self.tokenizer.eos_token_id
         aborts = [[s for s in guard_states(p) if s.rule.action == "abort"] for p in plans]
         for j in range(max_new_tokens):
             for b in range(batch):
                 if not done[b]:
                     aborted[b] = bool(aborts[b]) and bool(aborting(aborts[b]))
-                    token = stop if aborted[b] else pick(b, logits[b, -1])
+                    token = eos if aborted[b] else pick(b, logits[b, -1])
                     out[b].append(token)
                     done[b] = aborted[b] or (stop_at_eos and token == eos) or j + 1 == max_new_tokens
             if all(done):

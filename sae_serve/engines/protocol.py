@@ -193,9 +193,7 @@ class WorkerCapabilities:
     speculative: bool = False
     """Speculative decoding is on: the forward also computes draft tokens that may be rejected."""
     stop_token: int | None = None
-    """The token the sampler emits for a request a guardrail aborts (``guardrails.stop_token``; None: no abort)."""
-    abort_marked: bool = False
-    """``stop_token`` is not the model's EOS, so vLLM's stop_reason tells an abort from a natural end."""
+    """The token the sampler emits for a request a guardrail aborts: the model's EOS (None: no abort)."""
     pipeline: bool = False
     """The model is split into pipeline stages."""
 
@@ -215,12 +213,12 @@ class WorkerCapabilities:
                             "speculative decoding, whose rejected draft tokens would show up in them")
         limits.check_readout(request, self.max_model_len)
 
-    def ended_by_guardrail(self, abort_fired: bool, finish_reason: str | None, stop_reason: object) -> bool:
-        """Whether an output that finished so was ended by an abort rule, not by its own end of
-        sequence (on which a rule may still fire: vLLM may compute one more step)."""
-        if not abort_fired or finish_reason != "stop":
-            return False
-        return stop_reason == self.stop_token if self.abort_marked else stop_reason is None
+    @staticmethod
+    def ended_by_guardrail(abort_fired: bool, finish_reason: str | None, stop_reason: object) -> bool:
+        """Whether an output that finished so was ended by an abort rule: one fired, and the output
+        ended on EOS (or at max_tokens, under ignore_eos), not on a stop string or token of the
+        client's. (A rule that fires on the model's own last EOS reads as an abort too.)"""
+        return abort_fired and finish_reason in ("stop", "length") and stop_reason is None
 
     def _check_guardrails(self, request: ResolvedRequest) -> None:
         rule = request.guardrails[0]
@@ -244,5 +242,4 @@ class WorkerCapabilities:
             raise SaeServeError(f"vLLM's workers do not share one {envs.SECRET_VAR} (set it in every process, "
                                 "e.g. Ray workers' runtime_env); they would ignore every admitted spec")
         return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
-                   ids.pop(), any(c.speculative for c in got), got[0].stop_token, got[0].abort_marked,
-                   any(c.pipeline for c in got))
+                   ids.pop(), any(c.speculative for c in got), got[0].stop_token, any(c.pipeline for c in got))

@@ -100,10 +100,9 @@ class SteeredLLM:
             items.append(req.prompt(prompt))
             p = sampling_params.clone()
             p.extra_args = {**(p.extra_args or {}), **req.extra_args}
-            if any(rule.action == "abort" for rule in resolved.guardrails):  # the workers emit it to stop one
-                if p.structured_outputs is not None:  # its grammar would refuse the stop token
-                    raise SpecError("structured_outputs", "cannot be combined with guardrails that abort")
-                p.stop_token_ids = [*(p.stop_token_ids or []), self.capabilities.stop_token]
+            if p.structured_outputs is not None and any(rule.action == "abort" for rule in resolved.guardrails):
+                raise SpecError("structured_outputs", "cannot be combined with guardrails that abort (the grammar "
+                                "would refuse the end of sequence an abort emits)")
             params.append(p)
         outputs = self.llm.generate(items, params, use_tqdm=False, lora_request=lora_request)
         keys = [r.key for r in engine]

@@ -79,9 +79,7 @@ class SteeringRuntime:
     local: frozenset[str] | None = None  # the SAEs this process runs (None: all; a pipeline stage: its own)
     counts_requests: bool = True  # counts refused specs (one worker of the deployment does)
     speculative: bool = False  # speculative decoding on: no readouts (rejected drafts would be in them)
-    stop_token: int | None = None  # what the sampler emits for a request a guardrail aborted
-    abort_marked: bool = False  # stop_token is not the EOS: vLLM's stop_reason marks an abort
-    eos_token: int | None = None  # what stops a request the service did not admit (another route)
+    stop_token: int | None = None  # what the sampler emits for a request a guardrail aborted: the EOS
     server_rules: tuple[Guardrail, ...] = ()  # the config's guardrails: on every request, signed or not
     pipeline: bool = False  # a pipeline stage: no guardrails (a rule's trigger and its action may be apart)
     resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
@@ -90,7 +88,7 @@ class SteeringRuntime:
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
     abort_rules: dict[str, list[GuardState]] = field(default_factory=dict)  # by request id: its abort rules
-    aborts: list[tuple[int, list[GuardState], int]] = field(default_factory=list)  # this step: row, rules, token
+    aborts: list[tuple[int, list[GuardState]]] = field(default_factory=list)  # this step: (row, abort rules)
 
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
@@ -101,7 +99,7 @@ class SteeringRuntime:
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
-                                  self.speculative, self.stop_token, self.abort_marked, self.pipeline)
+                                  self.speculative, self.stop_token, self.pipeline)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
@@ -184,8 +182,7 @@ class SteeringRuntime:
         self._forget(set(self.resolved) - set(live))
         resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
         plans, keys = [p for _, p in resolved], [k for k, _ in resolved]
-        self.aborts = [(row, self.abort_rules[rid], self._abort_token(live, rid))
-                       for row, rid in enumerate(batch.req_ids) if rid in self.abort_rules]
+        self.aborts = [(row, self.abort_rules[rid]) for row, rid in enumerate(batch.req_ids) if rid in self.abort_rules]
         self.step = None
         if batch.req_ids and (self.monitoring or any(plans)):
             layout = batch.layout()
@@ -257,27 +254,17 @@ class SteeringRuntime:
         if self.monitoring:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
 
-    def _abort_token(self, live: Any, req_id: str) -> int:
-        """What ends ``req_id``: the stop token when the service added it to the request's
-        stop_token_ids, else the EOS (a request that came by a route the service does not wrap)."""
-        params = getattr(live.get(req_id) if hasattr(live, "get") else None, "sampling_params", None)
-        stops = getattr(params, "stop_token_ids", None) or ()
-        return int(self.stop_token if self.stop_token in stops or self.eos_token is None else self.eos_token)
-
     def force_stops(self, sampled: torch.Tensor) -> torch.Tensor:
         """The step's sampled tokens (rows in batch order), with the stop token for every request
         whose abort rule has fired: vLLM's own stop check then ends it. No host sync."""
         if not self.aborts or self.stop_token is None:
             return sampled
         device, n = sampled.device, sampled.shape[0]
-        rows = torch.tensor([row for row, states, _ in self.aborts for _ in states], device=device)
-        slots = [state.slot for _, states, _ in self.aborts for state in states]
+        rows = torch.tensor([row for row, states in self.aborts for _ in states], device=device)
+        slots = [state.slot for _, states in self.aborts for state in states]
         fired = self.guard_table.fired[slots].ge(0).to(device).long()
         stop = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, rows, fired) > 0
-        token = torch.zeros(n, dtype=sampled.dtype)
-        token[[row for row, _, _ in self.aborts]] = torch.tensor([t for _, _, t in self.aborts], dtype=sampled.dtype)
-        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)),
-                           token.to(device).view(-1, *[1] * (sampled.dim() - 1)), sampled)
+        return torch.where(stop.view(-1, *[1] * (sampled.dim() - 1)), self.stop_token, sampled)
 
     def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
         """Each key's readouts and error, removed from the worker."""

@@ -25,7 +25,7 @@ from sae_serve.errors import SaeServeError, first_field_error
 from sae_serve.metrics import SilentMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, build_registry
 from sae_serve.steering.fixed import Capacity, FixedTables
-from sae_serve.steering.guardrails import eos_token, stop_token
+from sae_serve.steering.guardrails import eos_token
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +153,14 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     returns = {name: stack.returns(layers[name]) for name in local}  # refuses an unknown layer before any change
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
-    reports, stop = _first_rank(), stop_token(model_config.hf_text_config)
+    reports = _first_rank()
     runtime = SteeringRuntime(
         registry.moved(runner.device, local), deployment_secret(), graph_mode or replays_cuda_graphs(runner),
         model_config.max_model_len, config.op.slots, worker_metrics() if reports else SilentMetrics(),
         ReadoutStore.of(config.limits), reports=reports, local=local,
         counts_requests=reports and min(layers.values()) in stack.owned,  # one stage counts each request
         speculative=runner.vllm_config.speculative_config is not None,
-        stop_token=stop[0], abort_marked=stop[1], eos_token=eos_token(model_config.hf_text_config),
-        server_rules=config.guardrails,
+        stop_token=eos_token(model_config.hf_text_config), server_rules=config.guardrails,
         pipeline=len(stack.owned) < len(stack.layers))
     if config.guardrails and (runtime.graph_mode or runtime.speculative or runtime.pipeline):
         raise SaeServeError("config guardrails: they run on vLLM's V1 model runner without CUDA graphs, speculative "

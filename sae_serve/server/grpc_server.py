@@ -129,8 +129,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
         params = SamplingParams(max_tokens=max_tokens, min_tokens=request.min_tokens,
                                 temperature=request.temperature,
                                 seed=request.seed if request.HasField("seed") else None,
-                                extra_args=dict(prepared.engine.extra_args) if prepared else None,
-                                stop_token_ids=[self.service.stop_token()] if prepared and prepared.aborts else None)
+                                extra_args=dict(prepared.engine.extra_args) if prepared else None)
         prompt = prepared.engine.prompt(request.prompt) if prepared else {"prompt": request.prompt}
         sent_text, sent_tokens = 0, 0
         # A cancelled or timed-out call cancels this generator, and vLLM aborts the request.

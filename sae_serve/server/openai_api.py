@@ -84,11 +84,9 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if not k.startswith(PREFIX)}
         request.vllm_xargs = {**xargs, **prepared.engine.extra_args}
         request.cache_salt = prepared.engine.cache_salt
-        if prepared.aborts:  # the workers emit it for a request a guardrail aborts; vLLM then stops it
-            if (field := _structured(request)) is not None:  # its grammar would refuse the stop token: a 500
-                return _error(400, f"{field} cannot be combined with guardrails that abort (this server's own "
-                              "included): the grammar would refuse the stop token", field)
-            request.stop_token_ids = [*(request.stop_token_ids or []), service.stop_token()]
+        if prepared.aborts and (field := _structured(request)) is not None:  # a grammar refuses an early EOS: a 500
+            return _error(400, f"{field} cannot be combined with guardrails that abort (this server's own "
+                          "included): the grammar would refuse the end of sequence an abort emits", field)
         try:
             response = await vllm_handler(request, raw_request)
         except BaseException:

@@ -138,15 +138,9 @@ class SteeringService:
                                guarded=bool(spec.guardrails), asked=asked,
                                aborts=any(rule.action == "abort" for rule in resolved.guardrails))
 
-    def stop_token(self) -> int:
-        """The token the workers emit for an aborted request (capabilities checked it exists)."""
-        assert self.capabilities is not None and self.capabilities.stop_token is not None
-        return self.capabilities.stop_token
-
     def ended_by_guardrail(self, collected: Collected, finish_reason: str | None, stop_reason: object) -> bool:
         """Whether an output that finished so was ended by an abort rule (``WorkerCapabilities``)."""
-        caps = self.capabilities
-        return caps is not None and caps.ended_by_guardrail(collected.aborted, finish_reason, stop_reason)
+        return WorkerCapabilities.ended_by_guardrail(collected.aborted, finish_reason, stop_reason)
 
     def _check_upstream(self, resolved: ResolvedRequest) -> None:
         """The server's own triggers must read the stream as the model computes it: a request may not

@@ -9,8 +9,9 @@ whatever the number of requests and rules, and no step waits for the host to dec
 then does:
 - ``steer``: its edits apply to every token from the firing one on (``GuardState.gate``), at the
   trigger's SAE or a later layer, so tokens before it are exactly the unsteered run's;
-- ``abort``: the engine's sampler emits the stop token for the request from then on, so vLLM ends
-  it there through its own stop check;
+- ``abort``: the engine's sampler emits the model's end-of-sequence token for the request from then
+  on, so vLLM ends it there through its own stop check (with ``ignore_eos``, at ``max_tokens``, every
+  token after the firing one an unshown EOS);
 - ``flag``: nothing changes; the position is reported.
 """
 
@@ -171,17 +172,6 @@ def eos_token(config: object) -> int | None:
     return _first(getattr(config, "eos_token_id", None))
 
 
-def stop_token(config: object) -> tuple[int | None, bool]:
-    """(the token the sampler emits for a request a guardrail aborts, whether it marks the abort),
-    from a model config: a special token that is not end-of-sequence (BOS, else padding), so that
-    vLLM reports it as the request's stop_reason and an abort is never mistaken for a natural end;
-    else the EOS, unmarked (then an EOS right after a firing reads as an abort)."""
-    eos = eos_token(config)
-    for name in ("bos_token_id", "pad_token_id"):
-        token = _first(getattr(config, name, None))
-        if token is not None and token != eos:
-            return token, True
-    return eos, False
 
 
 def release(states: list[GuardState]) -> None:

@@ -1,6 +1,6 @@
 """The worker's side of guardrails, on the runtime itself (vLLM's runner stands in as plain data):
-the server's own rules run on every request, signed or not, and an abort replaces the sampled token
-with the one that ends that request (ours when the service asked vLLM to stop on it, else the EOS)."""
+the server's own rules run on every request, signed or not, and an abort replaces the request's
+sampled token with the model's end of sequence."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sae_serve.steering.spec import Guardrail, RequestSpec
 from tests.conftest import make_sae
 
 SECRET = b"test-deployment-secret"
-D_IN, STOP, EOS = 16, 7, 3
+D_IN, EOS = 16, 3
 
 
 def rule(name: str, action: str, above: float) -> Guardrail:
@@ -24,40 +24,38 @@ def rule(name: str, action: str, above: float) -> Guardrail:
 
 
 def runtime(*server_rules: Guardrail) -> SteeringRuntime:
-    return SteeringRuntime(registry_of({"s": make_sae("relu", D_IN, 32, seed=4)}), SECRET, stop_token=STOP,
-                           abort_marked=True, eos_token=EOS, server_rules=server_rules)
+    return SteeringRuntime(registry_of({"s": make_sae("relu", D_IN, 32, seed=4)}), SECRET, stop_token=EOS,
+                           server_rules=server_rules)
 
 
 def signed(spec: dict, key: str) -> dict:
     return admit(RequestSpec.model_validate(spec), secret=SECRET, key=key).extra_args
 
 
-def step(rt: SteeringRuntime, requests: dict[str, tuple[dict | None, list[int]]]) -> torch.Tensor:
-    """One prefill step of 2 tokens per request (extra_args, stop_token_ids), then the sampler's
-    output with aborts forced."""
+def step(rt: SteeringRuntime, requests: dict[str, dict | None]) -> torch.Tensor:
+    """One prefill step of 2 tokens per request (its extra_args), then the sampler's output with
+    aborts forced."""
     ids = list(requests)
-    extra = {rid: args for rid, (args, _) in requests.items()}
-    live = {rid: SimpleNamespace(sampling_params=SimpleNamespace(stop_token_ids=stops))
-            for rid, (_, stops) in requests.items()}
+    extra, live = dict(requests), {rid: SimpleNamespace() for rid in ids}
     rt.plan_step(StepBatch(ids, [2 * i for i in range(len(ids) + 1)], [0] * len(ids), [2] * len(ids)), extra, live)
     hidden = torch.randn(2 * len(ids), D_IN, generator=torch.Generator().manual_seed(0))
     rt.apply(rt.registry.saes["s"], hidden, torch.zeros_like(hidden))
     return rt.force_stops(torch.full((len(ids), 1), 100, dtype=torch.int32)).flatten()
 
 
-def test_the_servers_rules_end_every_request_each_by_its_own_stop_token() -> None:
+def test_the_servers_rules_end_every_request_signed_or_not() -> None:
     rt = runtime(rule("always", "abort", -1000.0))  # fires on the first token of every request
     flag = {"guardrails": [{"name": "mine", "action": "flag", "when": {"sae": "s", "feature": 1,
                                                                        "above": {"value": -1000.0}}}]}
     forged = {"sae_serve": '{"guardrails": []}', "sae_serve_key": "k", "sae_serve_sig": "0" * 64}
-    sampled = step(rt, {"plain": (None, []), "signed": (signed(flag, "signed"), [STOP]), "forged": (forged, [])})
-    assert sampled.tolist() == [EOS, STOP, EOS]  # a request of another route ends on the model's EOS
+    sampled = step(rt, {"plain": None, "signed": signed(flag, "signed"), "forged": forged})
+    assert sampled.tolist() == [EOS, EOS, EOS]
     reply = rt.pop_readouts(["signed"])["signed"]  # (its own flag watches generated tokens: none yet)
     assert [(f["name"], f["server"], f["position"]) for f in reply.guardrails] == [("always", True, 0)]
 
 
 def test_no_rule_fired_no_token_changed_and_no_rule_no_work() -> None:
     rt = runtime(rule("never", "abort", 1000.0))
-    assert step(rt, {"a": (None, []), "b": (None, [STOP])}).tolist() == [100, 100]
+    assert step(rt, {"a": None, "b": None}).tolist() == [100, 100]
     bare = runtime()
-    assert step(bare, {"a": (None, [])}).tolist() == [100] and bare.step is None  # plain requests untouched
+    assert step(bare, {"a": None}).tolist() == [100] and bare.step is None  # plain requests untouched
