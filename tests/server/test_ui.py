@@ -47,7 +47,10 @@ def browser(server):
 
 
 def wait(driver, seconds: float = 60) -> WebDriverWait:
-    return WebDriverWait(driver, seconds, poll_frequency=0.2)
+    """Polls until a condition holds; an element the page re-rendered meanwhile is looked up again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    return WebDriverWait(driver, seconds, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,))
 
 
 def text(driver, selector: str) -> str:
@@ -144,8 +147,12 @@ def test_bad_input_shows_the_servers_error(browser, feature, strength, message):
 def test_watchlist_shows_firing_rates(browser):
     browser.get(browser.current_url.split("#")[0] + "#watchlist")
     rows = '#watch-table tbody tr[data-feature="military"] td'
-    wait(browser).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, rows)) == 7)
-    tokens = int(float(browser.find_elements(By.CSS_SELECTOR, rows)[2].get_attribute("textContent")))
-    assert tokens > 0  # the playground's requests were watched
-    wait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, rows)[6].text != "–")  # a second poll
+
+    def cells(d) -> list[str]:  # read in one go: the table is re-rendered on every poll of /metrics
+        return d.execute_script("return Array.from(document.querySelectorAll(arguments[0]), c => c.textContent)",
+                                rows)
+
+    wait(browser).until(lambda d: len(cells(d)) == 7)
+    assert int(float(cells(browser)[2])) > 0  # the playground's requests were watched
+    wait(browser, 10).until(lambda d: len(c := cells(d)) == 7 and c[6].strip() != "–")  # a second poll
     screenshot(browser, "watchlist")
