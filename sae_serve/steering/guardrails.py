@@ -17,15 +17,17 @@ then does:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sae_serve.sae.registry import LinearProbe
 from sae_serve.steering.spec import MAX_WINDOW, ResolvedGuardrail
+
+logger = logging.getLogger(__name__)
 
 HISTORY = MAX_WINDOW - 1
 """Watched bits kept per rule (newest last): a window of n reads the last n - 1 of them."""
@@ -48,7 +50,13 @@ class GuardTable:
         return GuardState(rule, self, slot)
 
     def release(self, states: list[GuardState]) -> None:
-        self._free += [s.slot for s in states]
+        free = set(self._free)
+        for state in states:
+            if state.slot in free:  # (a bug): freed twice, two requests would share its state later
+                logger.error("guardrail slot %d released twice; kept once", state.slot)
+                continue
+            self._free.append(state.slot)
+            free.add(state.slot)
 
     def _grow(self) -> None:
         n = len(self.fired)
@@ -59,12 +67,7 @@ class GuardTable:
     def observe(self, values: torch.Tensor, watched: list[Watched]) -> None:
         """One step at one site: ``values`` (rows, columns) holds every trigger's values, and each
         ``Watched`` says which rows and column are its rule's; all rules are updated at once."""
-        g, m = len(watched), max(w.count for w in watched)
-        rows, valid = np.zeros((g, m), dtype=np.int64), np.zeros((g, m), dtype=bool)
-        for i, w in enumerate(watched):
-            rows[i, : w.count] = np.arange(w.row, w.row + w.count)
-            valid[i, : w.count] = True
-        device = self.fired.device
+        m, device = max(w.count for w in watched), self.fired.device
 
         def tensor(items: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(items, dtype=dtype, device=device)
@@ -72,8 +75,10 @@ class GuardTable:
         slots = tensor([w.state.slot for w in watched], torch.long)
         threshold = tensor([w.state.rule.threshold for w in watched], torch.float32)
         tokens, window = (tensor([getattr(w.state.rule, k) for w in watched], torch.long) for k in ("tokens", "window"))
-        picked = values[torch.from_numpy(rows).to(device), tensor([w.column for w in watched], torch.long)[:, None]]
-        real = torch.from_numpy(valid).to(device)
+        offset = torch.arange(m, device=device)
+        real = offset < tensor([w.count for w in watched], torch.long)[:, None]  # (g, m): each rule's own rows
+        rows = torch.where(real, tensor([w.row for w in watched], torch.long)[:, None] + offset, 0)
+        picked = values[rows, tensor([w.column for w in watched], torch.long)[:, None]]
         above = (picked.float() > threshold[:, None]) & real
         seq = torch.cat([self.history[slots], above], dim=1)  # (g, HISTORY + m): each row's bits, oldest first
         counts = F.pad(seq.long().cumsum(1), (1, 0))

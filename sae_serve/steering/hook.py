@@ -99,8 +99,11 @@ def observe_triggers(hidden: torch.Tensor, residual: torch.Tensor | None, sae: S
     columns = []
     if features:
         chosen = torch.tensor(features, device=hidden.device)
-        columns.append((sae.encode(x)[:, chosen] if sae.cfg.architecture == "topk"
-                        else sae.encode_subset(x, sae.subset(chosen))).float())
+        if sae.cfg.architecture == "topk":  # the full encode, in bounded chunks as ``_encode_all``
+            chunks = x.split(max(1, FULL_ENCODE_ELEMENTS // sae.d_sae))
+            columns.append(torch.cat([sae.encode(chunk)[:, chosen] for chunk in chunks]).float())
+        else:
+            columns.append(sae.encode_subset(x, sae.subset(chosen)).float())
     columns += [probe(x).unsqueeze(1) for probe in probes.values()]
     column = {f: j for j, f in enumerate(features)} | {name: len(features) + j for j, name in enumerate(probes)}
     watched, row = [], 0

@@ -80,3 +80,29 @@ def test_many_rules_of_many_requests_in_one_update_match_one_at_a_time() -> None
         position += n
     assert [int(s.fired) for s in batched] == [int(s.fired) for s in single]
     assert len({int(s.fired) for s in batched}) > 2  # the rules fire at different tokens
+
+
+def test_a_topk_trigger_is_encoded_in_bounded_chunks(monkeypatch) -> None:
+    """A TopK SAE's trigger needs the full encode: in chunks of rows, as readouts do, with the same result."""
+    from sae_serve.sae.registry import registry_of
+    from sae_serve.steering import hook
+    from sae_serve.steering.plan import RequestRows, build_plan, guard_states, prepare_all
+    from sae_serve.steering.spec import RequestSpec, resolve
+    from tests.conftest import make_sae
+
+    sae = make_sae("topk", 16, 64, seed=2)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+    feature = int(sae.encode(x).gt(0).sum(0).argmax())
+    spec = RequestSpec.model_validate({"guardrails": [{"name": "t", "action": "flag", "when": {
+        "sae": "s", "feature": feature, "above": {"value": 0.0}, "positions": "all", "tokens": 2, "window": 3}}]})
+
+    def fired() -> list:
+        plans = prepare_all(resolve(spec, registry_of({"s": sae})), {"s": sae})
+        hook.apply_plan(x, sae, build_plan([plans["s"]], [RequestRows(0, 40, 0, 40)]))
+        return firings(guard_states(plans))
+
+    whole = fired()
+    monkeypatch.setattr(hook, "FULL_ENCODE_ELEMENTS", 64 * 3)  # 3 rows a chunk
+    encode, rows = sae.encode, []
+    monkeypatch.setattr(sae, "encode", lambda chunk: rows.append(len(chunk)) or encode(chunk))
+    assert fired() == whole and whole and max(rows) == 3
