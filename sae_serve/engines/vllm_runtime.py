@@ -95,7 +95,6 @@ class SteeringRuntime:
                      if self.local is None or name in self.local}
         device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
         self.guard_table = GuardTable(device)  # every live request's rules
-        self.rule_states: dict[str, list[GuardState]] = {}  # by request id: its rules' states
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
@@ -153,7 +152,6 @@ class SteeringRuntime:
         plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes,
                             table=self.guard_table)
         states = guard_states(plans)
-        self.rule_states[req_id] = states
         if key is not None:
             self.readouts.guard(key, states)
         if aborts := [s for s in states if s.rule.action == "abort"]:
@@ -196,12 +194,11 @@ class SteeringRuntime:
     def _forget(self, gone: set[str]) -> None:
         """Requests that left the runner (finished or aborted): their readouts start to expire."""
         for req_id in gone:
-            key, _ = self.resolved.pop(req_id)
+            key, plans = self.resolved.pop(req_id)
             self.abort_rules.pop(req_id, None)
-            states = self.rule_states.pop(req_id, [])
             if key is None:  # (an admitted request's rules stay in its readout entry until fetched)
-                release(states)
-            if key is not None:
+                release(guard_states(plans))
+            else:
                 self.readouts.finish(key)
         self.readouts.expire()
         self.metrics.readout_bytes.set(self.readouts.nbytes)

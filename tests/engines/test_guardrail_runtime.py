@@ -59,3 +59,12 @@ def test_no_rule_fired_no_token_changed_and_no_rule_no_work() -> None:
     assert step(rt, {"a": None, "b": None}).tolist() == [100, 100]
     bare = runtime()
     assert step(bare, {"a": None}).tolist() == [100] and bare.step is None  # plain requests untouched
+
+
+def test_the_rows_of_requests_that_left_are_freed() -> None:
+    rt = runtime(rule("always", "abort", -1000.0))
+    free = len(rt.guard_table._free)
+    step(rt, {"a": None, "b": None})
+    assert len(rt.guard_table._free) == free - 2
+    rt.plan_step(StepBatch([], [0], [], []), {}, {})  # both finished
+    assert len(rt.guard_table._free) == free and not rt.resolved and not rt.abort_rules
