@@ -186,7 +186,9 @@ def test_every_metric_the_dashboard_and_rules_use_is_exported(server, client) ->
     c, model = client
     flag = {"name": "fr", "action": "flag", "when": {"sae": "layer15", "feature": "non-english",
                                                       "above": {"value": 0.1}, "positions": "all"}}
-    flagged = c.completions.create(model=model, prompt="He lied to the police", max_tokens=4,
+    # A French prompt fires the rule on its own tokens, whatever is sampled after it (CI once sampled
+    # an English prompt's continuation that never crossed the threshold).
+    flagged = c.completions.create(model=model, prompt="Le chat dort sur le canapé", max_tokens=4, temperature=0,
                                    extra_body={**FRENCH, "guardrails": [flag]})
     assert flagged.model_extra["sae"]["guardrails"][0]["name"] == "fr"  # (the rules' guardrail series exists)
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
