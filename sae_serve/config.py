@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -44,6 +45,16 @@ class OpConfig(BaseModel):
     the servers refuse more; otherwise such a request takes the segment path."""
 
 
+class HiddenStatesConfig(BaseModel):
+    """Which decoder layers' residual stream requests may get back (``return_hidden_states``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    """Layers the workers expose besides their SAEs' (always exposed: the SAE's op reads them anyway).
+    Each costs a call of the op on every step, returning at once when nobody reads it."""
+
+
 class LimitsConfig(BaseModel):
     """Resource limits on what one request may make the workers hold."""
 
@@ -53,8 +64,21 @@ class LimitsConfig(BaseModel):
     """Feature activations one request may get back: features per token times the most tokens it
     can have (the model's context length). More is refused up front (400); the workers hold no
     more than this per request either."""
+    max_hidden_state_bytes: int = Field(default=16 * 2**20, ge=1)
+    """Bytes of hidden states one request may get back: layers times positions (the model's context
+    length for ``all``) times d_model times the dtype's size. More is refused up front (400)."""
     readout_ttl_s: float = Field(default=30.0, gt=0, le=3600)
     """Seconds a finished request's readout waits on the workers to be fetched, then is dropped."""
+
+    def check_hidden_states(self, request: ResolvedRequest, max_model_len: int, d_model: int) -> None:
+        hidden = request.hidden
+        if hidden is None:
+            return
+        size = len(hidden.layers) * hidden.count(max_model_len) * d_model * (2 if hidden.dtype == "float16" else 4)
+        if size > self.max_hidden_state_bytes:
+            raise SpecError("return_hidden_states", f"{len(hidden.layers)} layers x {hidden.count(max_model_len)} "
+                            f"positions x {d_model} {hidden.dtype} values is {size} bytes, over this server's "
+                            f"limit of {self.max_hidden_state_bytes} (config limits.max_hidden_state_bytes)")
 
     def check_readout(self, request: ResolvedRequest, max_model_len: int) -> None:
         readout = request.readout
@@ -80,6 +104,8 @@ class SaeServeConfig(RegistryConfig):
     """The steering op."""
     limits: LimitsConfig = LimitsConfig()
     """Resource limits per request."""
+    hidden_states: HiddenStatesConfig = HiddenStatesConfig()
+    """The layers whose hidden states requests may read."""
     guardrails: tuple[Guardrail, ...] = Field(default=(), max_length=MAX_GUARDRAILS)
     """Server-wide guardrails: on every request, whatever it asks; clients see them only when
     ``policy.reveal_server_guardrails`` (an abort shows as finish_reason content_filter). They

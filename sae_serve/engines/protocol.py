@@ -22,6 +22,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from sae_serve import envs
 from sae_serve.config import LimitsConfig
 from sae_serve.errors import SaeServeError, SpecError
@@ -91,13 +93,15 @@ class EngineRequest:
 
 def cache_salt(secret: bytes, spec: RequestSpec, spec_json: str, client_salt: str | None) -> str | None:
     """The client's salt for plain requests; unique when the request reads (its prompt must be
-    computed to be read), has a guardrail that watches the prompt (likewise) or steers once fired
-    (its KV is steered from a token no other request knows), or steers only prompt or only
-    generated positions (a later turn's prompt holds earlier generated tokens, whose cached KV was
-    steered by the other rule); else keyed by the secret, the client's salt and the spec."""
+    computed to be read: features or hidden states), has a guardrail that watches the prompt
+    (likewise) or steers once fired (its KV is steered from a token no other request knows), or
+    steers only prompt or only generated positions (a later turn's prompt holds earlier generated
+    tokens, whose cached KV was steered by the other rule); else keyed by the secret, the client's
+    salt and the spec."""
     steers = spec.steering is not None and bool(spec.steering.interventions or spec.steering.vectors)
     rules = [*spec.guardrails, *spec.server_guardrails]
-    if spec.return_features is not None or (steers and spec.steering.positions != "all") or any(
+    reads = spec.return_features is not None or spec.return_hidden_states is not None
+    if reads or (steers and spec.steering.positions != "all") or any(
             rule.action == "steer" or rule.when.positions != "generated" for rule in rules):
         return uuid.uuid4().hex
     if steers:
@@ -144,6 +148,22 @@ class Readout:
 
 
 @dataclass(frozen=True)
+class HiddenStates:
+    """One request's residual stream after one layer at some positions: ``shape`` (positions,
+    d_model) values of ``dtype``, little-endian, row-major, in ``data``."""
+
+    layer: int
+    positions: list[int]
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+    def tensor(self) -> torch.Tensor:
+        """The values as a (positions, d_model) tensor."""
+        return torch.frombuffer(bytearray(self.data), dtype=getattr(torch, self.dtype)).view(*self.shape)
+
+
+@dataclass(frozen=True)
 class WorkerReply:
     """What a worker holds for one request: its readouts by SAE, or the error that stopped it."""
 
@@ -151,6 +171,8 @@ class WorkerReply:
     features: dict[str, Readout] = field(default_factory=dict)
     guardrails: list[dict[str, Any]] = field(default_factory=list)
     """The rules fired so far: ``guardrails.Firing`` as dicts (name, action, position, server)."""
+    hidden_states: list[HiddenStates] = field(default_factory=list)
+    """By layer: the positions computed since the last fetch."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,14 +180,16 @@ class WorkerReply:
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> WorkerReply:
         return cls(wire.get("error"), {sae: Readout(**r) for sae, r in (wire.get("features") or {}).items()},
-                   list(wire.get("guardrails") or []))
+                   list(wire.get("guardrails") or []), [HiddenStates(**h) for h in wire.get("hidden_states") or []])
 
     def merge(self, other: WorkerReply) -> WorkerReply:
         """Replies of several workers (ranks) for one request: the first error, the readouts
-        of whichever rank held them (only one does: the SAE's), the rules any of them saw fire."""
+        of whichever rank held them (only one does: the SAE's or the layer's stage), the rules any
+        of them saw fire."""
         seen = {(f["server"], f["name"]) for f in self.guardrails}
         return WorkerReply(self.error or other.error, {**self.features, **other.features},
-                           self.guardrails + [f for f in other.guardrails if (f["server"], f["name"]) not in seen])
+                           self.guardrails + [f for f in other.guardrails if (f["server"], f["name"]) not in seen],
+                           sorted(self.hidden_states + other.hidden_states, key=lambda h: h.layer))
 
 
 def merge_replies(per_worker: list[dict[str, Any]], keys: list[str]) -> dict[str, WorkerReply]:
@@ -196,6 +220,10 @@ class WorkerCapabilities:
     """The token the sampler emits for a request a guardrail aborts: the model's EOS (None: no abort)."""
     pipeline: bool = False
     """The model is split into pipeline stages."""
+    hidden_layers: tuple[int, ...] = ()
+    """The layers whose hidden states a request may get back."""
+    d_model: int = 0
+    """Width of the residual stream: bounds a request's hidden states."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +240,20 @@ class WorkerCapabilities:
             raise SpecError("return_features", "feature readouts are not available on this server: it runs "
                             "speculative decoding, whose rejected draft tokens would show up in them")
         limits.check_readout(request, self.max_model_len)
+        if request.hidden is not None:
+            self._check_hidden_states(request, limits)
+
+    def _check_hidden_states(self, request: ResolvedRequest, limits: LimitsConfig) -> None:
+        hidden = request.hidden
+        if self.graph_mode or self.speculative:
+            raise SpecError("return_hidden_states", "hidden states are not available on this server: they are read "
+                            "on vLLM's V1 model runner without CUDA graphs or speculative decoding (enforce_eager, "
+                            "VLLM_USE_V2_MODEL_RUNNER=0)")
+        for i, layer in enumerate(hidden.layers):
+            if layer not in self.hidden_layers:
+                raise SpecError(f"return_hidden_states.layers[{i}]", f"layer {layer} is not exposed by this server "
+                                f"(exposed: {list(self.hidden_layers)}; config hidden_states.layers)")
+        limits.check_hidden_states(request, self.max_model_len, self.d_model)
 
     @staticmethod
     def ended_by_guardrail(abort_fired: bool, finish_reason: str | None, stop_reason: object) -> bool:
@@ -242,4 +284,5 @@ class WorkerCapabilities:
             raise SaeServeError(f"vLLM's workers do not share one {envs.SECRET_VAR} (set it in every process, "
                                 "e.g. Ray workers' runtime_env); they would ignore every admitted spec")
         return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
-                   ids.pop(), any(c.speculative for c in got), got[0].stop_token, any(c.pipeline for c in got))
+                   ids.pop(), any(c.speculative for c in got), got[0].stop_token, any(c.pipeline for c in got),
+                   tuple(sorted({layer for c in got for layer in c.hidden_layers})), got[0].d_model)

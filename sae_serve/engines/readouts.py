@@ -1,11 +1,11 @@
 """Readouts a worker holds until the API process fetches them, within bounded memory.
 
 Each admitted request that reads gets an entry under its key. An entry holds at most
-``max_values`` activations (the limit the service already checks up front: past it the request
-gets an error, never a silently short readout). When the request leaves the runner (finished or
-aborted) its entry waits ``ttl_s`` seconds to be fetched and is then dropped, so readouts that
-nobody fetches (a client that hung up) never pile up. Errors (a spec a worker could not run)
-live in the same entries, under the same rules.
+``max_values`` activations and ``max_state_bytes`` of hidden states (the limits the service
+already checks up front: past them the request gets an error, never a silently short readout).
+When the request leaves the runner (finished or aborted) its entry waits ``ttl_s`` seconds to be
+fetched and is then dropped, so readouts that nobody fetches (a client that hung up) never pile
+up. Errors (a spec a worker could not run) live in the same entries, under the same rules.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sae_serve.config import LimitsConfig
-from sae_serve.engines.protocol import Readout, WorkerReply
+from sae_serve.engines.protocol import HiddenStates, Readout, WorkerReply
 from sae_serve.steering.guardrails import GuardState, firings, release
 from sae_serve.steering.hook import FeatureActivations
 
@@ -30,18 +30,21 @@ class _Entry:
     error: str | None = None
     finished_at: float | None = None
     guards: list[GuardState] = field(default_factory=list)  # read when popped; kept while the request lives
+    states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # layer -> (pos, rows)
 
 
 class ReadoutStore:
-    def __init__(self, max_values: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_values: int, ttl_s: float, clock: Callable[[], float] = time.monotonic,
+                 max_state_bytes: int = LimitsConfig().max_hidden_state_bytes) -> None:
         self.max_values = max_values
+        self.max_state_bytes = max_state_bytes
         self.ttl_s = ttl_s
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
 
     @classmethod
     def of(cls, limits: LimitsConfig) -> ReadoutStore:
-        return cls(limits.max_readout_values, limits.readout_ttl_s)
+        return cls(limits.max_readout_values, limits.readout_ttl_s, max_state_bytes=limits.max_hidden_state_bytes)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,6 +72,25 @@ class ReadoutStore:
         entry.values += values
         entry.nbytes += _nbytes(acts)
 
+    def add_states(self, key: str, layer: int, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Hidden states of ``layer`` at ``positions`` (host tensors, in the dtype the request asked)."""
+        entry = self._entries.setdefault(key, _Entry())
+        if entry.error is not None:
+            return
+        chunks = entry.states.setdefault(layer, [])
+        if chunks and chunks[-1][0][-1] >= positions[0]:  # recomputed after a preemption: the new rows count
+            first = int(positions[0])
+            kept = [(p[p < first], r[p < first]) for p, r in chunks]
+            entry.nbytes -= sum(r.nbytes for _, r in chunks) - sum(r.nbytes for _, r in kept)
+            chunks[:] = [(p, r) for p, r in kept if p.numel()]
+        held = sum(r.nbytes for c in entry.states.values() for _, r in c)
+        if held + rows.nbytes > self.max_state_bytes:
+            self.fail(key, f"the hidden states exceed this server's limit of {self.max_state_bytes} bytes per "
+                           "request (config limits.max_hidden_state_bytes)")
+            return
+        chunks.append((positions, rows))
+        entry.nbytes += rows.nbytes
+
     @staticmethod
     def _truncate(entry: _Entry, sae: str, position: int) -> None:
         """Drop ``sae``'s rows at ``position`` and after."""
@@ -82,7 +104,7 @@ class ReadoutStore:
     def fail(self, key: str, error: str) -> None:
         """The request cannot be served as admitted: its readouts go, the error stays to be fetched."""
         entry = self._entries.setdefault(key, _Entry())
-        entry.chunks, entry.values, entry.nbytes = {}, 0, 0
+        entry.chunks, entry.states, entry.values, entry.nbytes = {}, {}, 0, 0
         entry.error = entry.error or error
 
     def resume(self, key: str) -> None:
@@ -120,7 +142,8 @@ class ReadoutStore:
             self._entries[key] = _Entry(guards=entry.guards)
         else:
             release(entry.guards)
-        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()}, fired)
+        return WorkerReply(entry.error, {sae: _readout(chunks) for sae, chunks in entry.chunks.items()}, fired,
+                           [_states(layer, chunks) for layer, chunks in sorted(entry.states.items()) if chunks])
 
 
 def _nbytes(acts: FeatureActivations) -> int:
@@ -130,3 +153,9 @@ def _nbytes(acts: FeatureActivations) -> int:
 def _readout(chunks: list[FeatureActivations]) -> Readout:
     return Readout(torch.cat([c.positions for c in chunks]).tolist(), torch.cat([c.indices for c in chunks]).tolist(),
                    torch.cat([c.values for c in chunks]).tolist())
+
+
+def _states(layer: int, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> HiddenStates:
+    rows = torch.cat([r for _, r in chunks])
+    return HiddenStates(layer, torch.cat([p for p, _ in chunks]).tolist(), str(rows.dtype).removeprefix("torch."),
+                        list(rows.shape), rows.numpy().astype(rows.numpy().dtype.newbyteorder("<")).tobytes())

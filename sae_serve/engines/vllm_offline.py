@@ -47,6 +47,8 @@ class SteeredOutput:
     """vLLM's, or ``content_filter`` when a guardrail aborted the request."""
     guardrails: tuple[Firing, ...] = ()
     """The guardrails that fired."""
+    hidden_states: dict[int, tuple[list[int], torch.Tensor]] | None = None
+    """``return_hidden_states``: by layer, the positions read and their (positions, d_model) states."""
 
 
 def _features(reply: WorkerReply, sae: str | None) -> FeatureActivations | None:
@@ -92,8 +94,8 @@ class SteeredLLM:
         """Generate ``prompts[i]`` under ``specs[i]`` (and vLLM's ``lora_request``, one or a list);
         every spec is checked before any is sent."""
         checked = [self.validate(s) for s in specs]
-        if sampling_params.n > 1 and any(r.guardrails for _, r in checked):
-            raise SpecError("n", "guardrails watch one sequence: generate the others as separate prompts")
+        if sampling_params.n > 1 and any(r.guardrails or r.readout or r.hidden for _, r in checked):
+            raise SpecError("n", "guardrails and readouts watch one sequence: generate the others as separate prompts")
         engine = [admit(spec) for spec, _ in checked]
         items, params = [], []
         for prompt, req, (_, resolved) in zip(prompts, engine, checked, strict=True):
@@ -118,6 +120,7 @@ class SteeredLLM:
                 reason = "content_filter"
             results.append(SteeredOutput(
                 list(out.prompt_token_ids), list(completion.token_ids), completion.text,
-                _features(reply, sae), resolved.applied, reason, fired))
+                _features(reply, sae), resolved.applied, reason, fired,
+                {h.layer: (h.positions, h.tensor()) for h in reply.hidden_states} if resolved.hidden else None))
         return results
 

@@ -1,7 +1,8 @@
 """Per-worker steering state: the loaded SAEs, each live request's plans, readouts, watches.
 
 Either model runner hands the runtime its batch before each forward (``plan_step``); the op
-(``vllm_site.py``) then calls ``apply`` at each SAE's layer. A request's spec is read once, from
+(``vllm_site.py``) then calls ``apply`` at each SAE's layer, and at each other exposed layer
+(where it only copies out the hidden states that requests read). A request's spec is read once, from
 its ``extra_args``, and acted on only when the service signed it (``protocol.admitted_spec``):
 anything else under a sae_serve key is ignored and counted. When no request in the step steers or
 reads, and nothing is watched, the op returns at once and touches nothing.
@@ -33,7 +34,7 @@ from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fix
 from sae_serve.steering.guardrails import GuardState, GuardTable, release
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
-from sae_serve.steering.spec import Guardrail, RequestSpec, resolve
+from sae_serve.steering.spec import Guardrail, RequestSpec, ResolvedHiddenStates, resolve
 from sae_serve.steering.watch import Watch
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,27 @@ class StepBatch:
                 for i in range(len(self.req_ids))]
 
 
+@dataclass(frozen=True)
+class _Live:
+    """A live request as the runtime knows it."""
+
+    key: str | None  # an admitted request's readout key (None: not admitted; the server's rules only)
+    plans: dict[str, RequestPlan]  # its prepared work by SAE name
+    hidden: ResolvedHiddenStates | None = None  # the hidden states it reads
+
+
+NOT_ADMITTED = _Live(None, {})
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """One layer's hidden states to copy out in a step: ``rows`` of the step, then split in
+    ``parts`` (key, positions, dtype) of one request each."""
+
+    rows: torch.Tensor
+    parts: list[tuple[str, torch.Tensor, torch.dtype]]
+
+
 @dataclass
 class _Step:
     plans: list[dict[str, RequestPlan]]  # per request: its prepared work by SAE name
@@ -61,6 +83,7 @@ class _Step:
     keys: list[str | None]
     tokens: int  # real (unpadded) rows in the step
     segments: dict[str, SaePlan]  # per SAE: the work of the segment path (the fixed op's is in its tables)
+    captures: dict[int, _Capture] = field(default_factory=dict)  # layer -> hidden states to copy out
 
 
 @dataclass
@@ -82,7 +105,9 @@ class SteeringRuntime:
     stop_token: int | None = None  # what the sampler emits for a request a guardrail aborted: the EOS
     server_rules: tuple[Guardrail, ...] = ()  # the config's guardrails: on every request, signed or not
     pipeline: bool = False  # a pipeline stage: no guardrails (a rule's trigger and its action may be apart)
-    resolved: dict[str, tuple[str | None, dict[str, RequestPlan]]] = field(default_factory=dict)
+    hidden_layers: tuple[int, ...] = ()  # the layers whose hidden states requests may read (this stage's)
+    d_model: int = 0
+    resolved: dict[str, _Live] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
@@ -98,7 +123,7 @@ class SteeringRuntime:
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
-                                  self.speculative, self.stop_token, self.pipeline)
+                                  self.speculative, self.stop_token, self.pipeline, self.hidden_layers, self.d_model)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
@@ -118,13 +143,13 @@ class SteeringRuntime:
         if self.counts_requests:
             self.metrics.rejected_specs.labels(reason).inc()
 
-    def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> tuple[str | None, dict[str, RequestPlan]]:
-        """(the key of an admitted request, or None; its plans). The server's own guardrails join
-        every request here, whatever route it came by and whether the service signed it or not."""
+    def _resolve(self, req_id: str, extra_args: dict[str, Any] | None) -> _Live:
+        """The request's key (if admitted) and work. The server's own guardrails join every request
+        here, whatever route it came by and whether the service signed it or not."""
         if not extra_args and not self.server_rules:  # a plain request, or one of vLLM's dummy batches
-            return None, {}
+            return NOT_ADMITTED
         if req_id not in self.resolved:
-            self.resolved[req_id] = (None, {})
+            self.resolved[req_id] = NOT_ADMITTED
             try:
                 admitted = admitted_spec(extra_args, self.secret)
             except UnauthenticatedSpec as exc:
@@ -134,12 +159,12 @@ class SteeringRuntime:
             if admitted is not None:
                 key, spec_json = admitted
                 self.readouts.resume(key)  # (again, after a preemption: it is live)
-                self.resolved[req_id] = (key, self._plans(req_id, key, spec_json))
+                self.resolved[req_id] = self._plans(req_id, key, spec_json)
             elif self.server_rules:
-                self.resolved[req_id] = (None, self._plans(req_id, None, "{}"))
+                self.resolved[req_id] = self._plans(req_id, None, "{}")
         return self.resolved[req_id]
 
-    def _plans(self, req_id: str, key: str | None, spec_json: str) -> dict[str, RequestPlan]:
+    def _plans(self, req_id: str, key: str | None, spec_json: str) -> _Live:
         try:
             spec = RequestSpec.model_validate_json(spec_json)
             request = resolve(spec.model_copy(update={"server_guardrails": list(self.server_rules)}), self.registry)
@@ -148,7 +173,7 @@ class SteeringRuntime:
             logger.error("admitted spec %s is invalid on this worker: %s", key, exc)
             if key is not None:
                 self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
-            return {}
+            return _Live(key, {})
         plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes,
                             table=self.guard_table)
         states = guard_states(plans)
@@ -156,7 +181,7 @@ class SteeringRuntime:
             self.readouts.guard(key, states)
         if aborts := [s for s in states if s.rule.action == "abort"]:
             self.abort_rules[req_id] = aborts
-        return plans
+        return _Live(key, plans, request.hidden)
 
     def begin_step(self, runner: Any) -> None:
         """The V1 runner's batch, before its forward."""
@@ -178,28 +203,49 @@ class SteeringRuntime:
                 watch.publish(self.metrics)
                 watch.set_live(batch.query_start_loc[-1])
         self._forget(set(self.resolved) - set(live))
-        resolved = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
-        plans, keys = [p for _, p in resolved], [k for k, _ in resolved]
+        requests = [self._resolve(rid, extra_args.get(rid)) for rid in batch.req_ids]
+        plans, keys = [r.plans for r in requests], [r.key for r in requests]
         self.aborts = [(row, self.abort_rules[rid]) for row, rid in enumerate(batch.req_ids) if rid in self.abort_rules]
         self.step = None
-        if batch.req_ids and (self.monitoring or any(plans)):
+        reading = self.reports and any(r.hidden for r in requests)  # (one rank of a stage answers)
+        captures = self._captures(requests, batch.layout()) if reading else {}
+        if batch.req_ids and (self.monitoring or any(plans) or captures):
             layout = batch.layout()
-            self.step = _Step(plans, layout, keys, batch.query_start_loc[-1], {})
+            self.step = _Step(plans, layout, keys, batch.query_start_loc[-1], {}, captures)
             for name in self.saes:
                 self.step.segments[name] = self._split(name, build_plan([p.get(name) for p in plans], layout), keys)
         elif self.graph_mode:
             for tables in self.tables.values():
                 tables.fill(())
 
+    def _captures(self, live: list[_Live], layout: list[RequestRows]) -> dict[int, _Capture]:
+        """Per layer, the step's rows whose hidden states a request reads, grouped by request."""
+        device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
+        wanted: dict[int, tuple[list[int], list[tuple[str, torch.Tensor, torch.dtype]]]] = {}
+        for request, rows in zip(live, layout, strict=True):
+            hidden = request.hidden
+            if hidden is None or request.key is None:
+                continue
+            picked = hidden.pick(rows.first_position, rows.end - rows.start, rows.prompt_len)
+            if not picked:
+                continue
+            positions = torch.tensor(picked)
+            for layer in hidden.layers:
+                if layer in self.hidden_layers:
+                    all_rows, parts = wanted.setdefault(layer, ([], []))
+                    all_rows += [rows.start + p - rows.first_position for p in picked]
+                    parts.append((request.key, positions, getattr(torch, hidden.dtype)))
+        return {layer: _Capture(torch.tensor(rows, device=device), parts) for layer, (rows, parts) in wanted.items()}
+
     def _forget(self, gone: set[str]) -> None:
         """Requests that left the runner (finished or aborted): their readouts start to expire."""
         for req_id in gone:
-            key, plans = self.resolved.pop(req_id)
+            request = self.resolved.pop(req_id)
             self.abort_rules.pop(req_id, None)
-            if key is None:  # (an admitted request's rules stay in its readout entry until fetched)
-                release(guard_states(plans))
+            if request.key is None:  # (an admitted request's rules stay in its readout entry until fetched)
+                release(guard_states(request.plans))
             else:
-                self.readouts.finish(key)
+                self.readouts.finish(request.key)
         self.readouts.expire()
         self.metrics.readout_bytes.set(self.readouts.nbytes)
 
@@ -228,9 +274,14 @@ class SteeringRuntime:
             self.readouts.add(key, name, fixed_readout(self.tables[name], seg))
         self.pending.clear()
 
-    def apply(self, loaded: LoadedSae, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        watch = self.watches.get(loaded.name)
+    def apply(self, loaded: LoadedSae | None, hidden: torch.Tensor, residual: torch.Tensor,
+              layer: int | None = None) -> None:
+        """The op at a layer: copy out the hidden states read at ``layer`` (None: another op at
+        this layer does), then ``loaded``'s work (None: an exposed layer without an SAE)."""
         if self.graph_mode:  # the same kernels every step, on whatever the tables hold
+            if loaded is None:
+                return
+            watch = self.watches.get(loaded.name)
             if watch is not None:  # before any edit: what the model computed
                 watch.accumulate(hidden + residual, watch.live)
             steer_fixed_(hidden, residual, loaded.sae, self.tables[loaded.name])
@@ -238,6 +289,11 @@ class SteeringRuntime:
         step = self.step
         if step is None:
             return
+        if layer in step.captures:  # before any edit at this layer
+            self._copy_out(layer, step.captures[layer], hidden, residual)
+        if loaded is None:
+            return
+        watch = self.watches.get(loaded.name)
         start = time.perf_counter()
         if watch is not None:
             watch.accumulate(hidden[: step.tokens] + residual[: step.tokens], step.tokens)
@@ -250,6 +306,14 @@ class SteeringRuntime:
                 self.readouts.add(step.keys[index], loaded.name, acts)
         if self.monitoring:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
+
+    def _copy_out(self, layer: int, capture: _Capture, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        states = (hidden[capture.rows] + residual[capture.rows]).float().cpu()
+        start = 0
+        for key, positions, dtype in capture.parts:
+            end = start + positions.numel()
+            self.readouts.add_states(key, layer, positions, states[start:end].to(dtype))
+            start = end
 
     def force_stops(self, sampled: torch.Tensor) -> torch.Tensor:
         """The step's sampled tokens (rows in batch order), with the stop token for every request

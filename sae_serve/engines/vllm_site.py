@@ -10,6 +10,7 @@ to, and the V1 runner on a GPU unless ``enforce_eager``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -31,14 +32,14 @@ logger = logging.getLogger(__name__)
 
 # The compiled graph can carry only tensors and ints to the op, so the op finds its runtime
 # through this process-local table, filled when a model is loaded.
-_SITES: dict[int, tuple[SteeringRuntime, LoadedSae]] = {}
+_SITES: dict[int, tuple[SteeringRuntime, LoadedSae | None, int | None]] = {}
 
 
 @torch.library.custom_op("sae_serve::steer_", mutates_args=("hidden",))
 def steer_(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
     """Edit ``hidden`` in place for the current step (the stream is hidden + residual)."""
-    runtime, loaded = _SITES[site]
-    runtime.apply(loaded, hidden, residual)
+    runtime, loaded, layer = _SITES[site]
+    runtime.apply(loaded, hidden, residual, layer)
 
 
 @steer_.register_fake
@@ -47,7 +48,8 @@ def _(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
 
 
 class SteeredDecoderLayer(nn.Module):
-    """A decoder layer followed by the steering op on its output (resid_post)."""
+    """A decoder layer followed by the steering op on its output (resid_post): an SAE's work, the
+    hidden states read there, or both."""
 
     def __init__(self, layer: nn.Module, site: int, returns: Returns) -> None:
         super().__init__()
@@ -68,10 +70,11 @@ class SteeredDecoderLayer(nn.Module):
         return out
 
 
-def bind_site(runtime: SteeringRuntime, loaded: LoadedSae) -> int:
-    """The id the op is called with to steer ``loaded`` through ``runtime``."""
-    site = id(loaded)
-    _SITES[site] = (runtime, loaded)
+def bind_site(runtime: SteeringRuntime, loaded: LoadedSae | None, layer: int | None = None) -> int:
+    """The id the op is called with to run ``loaded`` (None: no SAE) through ``runtime``, copying
+    out the hidden states of ``layer`` first (None: not at this op)."""
+    site = len(_SITES)
+    _SITES[site] = (runtime, loaded, layer)
     return site
 
 
@@ -147,10 +150,11 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     registry.check_fits(model_config.hf_text_config.hidden_size, len(stack.layers))
     layers = {name: _site_layer(loaded) for name, loaded in registry.saes.items()}
     local = frozenset(name for name, index in layers.items() if index in stack.owned)
-    if not local:
+    exposed = _exposed_layers(config, layers, len(stack.layers), stack.owned)
+    if not local and not exposed:
         logger.info("sae_serve: no SAE reads a layer of this pipeline stage")
         return None
-    returns = {name: stack.returns(layers[name]) for name in local}  # refuses an unknown layer before any change
+    returns = {layer: stack.returns(layer) for layer in exposed}  # refuses an unknown layer before any change
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     reports = _first_rank()
@@ -161,17 +165,32 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         counts_requests=reports and min(layers.values()) in stack.owned,  # one stage counts each request
         speculative=runner.vllm_config.speculative_config is not None,
         stop_token=eos_token(model_config.hf_text_config), server_rules=config.guardrails,
-        pipeline=len(stack.owned) < len(stack.layers))
+        pipeline=len(stack.owned) < len(stack.layers), hidden_layers=exposed,
+        d_model=model_config.hf_text_config.hidden_size)
     if config.guardrails and (runtime.graph_mode or runtime.speculative or runtime.pipeline):
         raise SaeServeError("config guardrails: they run on vLLM's V1 model runner without CUDA graphs, speculative "
                             "decoding or pipeline parallelism (enforce_eager, VLLM_USE_V2_MODEL_RUNNER=0)")
     _prepare_ops(runtime, runner, config)
-    for name in sorted(local):
-        loaded = runtime.registry.saes[name]
-        index = layers[name]
-        stack.layers[index] = SteeredDecoderLayer(stack.layers[index], bind_site(runtime, loaded), returns[name])
-        logger.info("sae_serve: SAE %r (%d features) on layer %d", name, loaded.sae.d_sae, index)
+    for index in exposed:  # one op per layer copies its hidden states out, before any SAE's edit there
+        here = [runtime.registry.saes[name] for name in sorted(local) if layers[name] == index]
+        if not here and runtime.graph_mode:
+            continue  # (hidden states are refused under CUDA graphs: no op where it would do nothing)
+        for j, loaded in enumerate(here or [None]):
+            site = bind_site(runtime, loaded, index if j == 0 else None)
+            stack.layers[index] = SteeredDecoderLayer(stack.layers[index], site, returns[index])
+            if loaded is not None:
+                logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
     return runtime
+
+
+def _exposed_layers(config: SaeServeConfig, sae_layers: dict[str, int], num_layers: int,
+                    owned: Collection[int]) -> tuple[int, ...]:
+    """This stage's layers that get the op: its SAEs' and those the config exposes."""
+    for layer in config.hidden_states.layers:
+        if layer >= num_layers:
+            raise SaeServeError(f"config hidden_states.layers: the model has {num_layers} decoder layers "
+                                f"(0 to {num_layers - 1}), not {layer}")
+    return tuple(sorted(layer for layer in {*config.hidden_states.layers, *sae_layers.values()} if layer in owned))
 
 
 def _prepare_ops(runtime: SteeringRuntime, runner: Any, config: SaeServeConfig) -> None:

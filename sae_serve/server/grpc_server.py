@@ -72,6 +72,11 @@ def request_body(request: Any) -> dict[str, Any]:
         body["steering"] = _steering(request.steering)
     if request.guardrails:
         body["guardrails"] = [_guardrail(g) for g in request.guardrails]
+    if request.HasField("return_hidden_states"):
+        h = request.return_hidden_states
+        positions: str | list[int] = list(h.position_list) if h.position_list else (h.positions or "last")
+        body["return_hidden_states"] = {"layers": list(h.layers), "positions": positions,
+                                        "dtype": h.dtype or "float32"}
     if request.HasField("return_features"):
         r = request.return_features
         body["return_features"] = {"sae": r.sae, **({"top_k": r.top_k} if r.HasField("top_k") else {}),
@@ -142,7 +147,7 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
             if output.finished:
                 message.finish_reason = completion.finish_reason or ""
             # A request that only steers is checked for a worker's error on its first and last message.
-            if prepared is not None and (prepared.readout_sae is not None or first or output.finished):
+            if prepared is not None and (prepared.reads or first or output.finished):
                 await self._attach(message, prepared, output.finished, completion.stop_reason)
             yield message
 
@@ -158,6 +163,8 @@ class SaeServeServicer(pb_grpc.SaeServeServicer):
                 message.guardrails.add(name=f["name"], action=ACTION_OF[f["action"]], token_index=f["token_index"])
             if self.service.ended_by_guardrail(collected, message.finish_reason, stop_reason):
                 message.finish_reason = GUARDRAIL_STOP
+        for h in collected.hidden_states or ():
+            message.hidden_states.add(layer=h.layer, positions=h.positions, dtype=h.dtype, shape=h.shape, data=h.data)
         features = collected.features
         if features is not None:
             message.features_sae = features["sae"]

@@ -1,11 +1,13 @@
 """The vLLM endpoint plugin: steering on the OpenAI-compatible API (vLLM's own server).
 
-/v1/completions and /v1/chat/completions accept a top-level ``steering`` object and
-``return_features`` (the openai client sends them with ``extra_body``); the route validates and
+/v1/completions and /v1/chat/completions accept a top-level ``steering`` object,
+``return_features``, ``return_hidden_states`` and ``guardrails`` (the openai client sends them
+with ``extra_body``); the route validates and
 admits them (``service.py``), hands vLLM the signed spec through ``vllm_xargs`` and a keyed
 ``cache_salt``, calls vLLM's own handler, and adds an ``sae`` object to the response: the steering
-applied (clamp values resolved) and, when asked, per-token feature activations. In a stream, each
-chunk carries the activations of the tokens computed since the previous chunk, and the final chunk
+applied (clamp values resolved) and, when asked, per-token feature activations and hidden states.
+In a stream, each chunk carries the activations and states of the tokens computed since the
+previous chunk, and the final chunk
 (the one with a finish_reason) also the steering applied. A request a worker failed is never a
 success: a 500, or in a stream an error event. GET /v1/saes and /v1/features/{sae}/{feature}
 describe what is loaded. Other routes take no steering: a spec smuggled in their ``vllm_xargs``
@@ -27,11 +29,13 @@ from sae_serve.config import config_from_env
 from sae_serve.engines.protocol import PREFIX
 from sae_serve.engines.vllm_releases import replace_route
 from sae_serve.errors import PolicyError, SpecError, WorkerError
-from sae_serve.server.service import GUARDRAIL_STOP, Collected, SteeringService
-from sae_serve.steering.spec import FeatureReadoutSpec, Guardrail, SteeringSpec
+from sae_serve.server.service import GUARDRAIL_STOP, Collected, SteeringService, hidden_states_json
+from sae_serve.steering.spec import FeatureReadoutSpec, Guardrail, HiddenStatesSpec, SteeringSpec
 
 STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
 READOUT_DOC = "sae_serve: return per-token feature activations of one SAE."
+HIDDEN_DOC = ("sae_serve: return the residual stream after these decoder layers (before any steering there), "
+              "base64 little-endian.")
 GUARDRAILS_DOC = ("sae_serve: rules on a feature or probe that steer, abort (finish_reason content_filter) or flag "
                   "this request when they fire.")
 
@@ -66,13 +70,14 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         f"Steered{base.__name__}", __base__=base, __validators__={"_objects": _objects_are_objects},
         steering=(SkipValidation[SteeringSpec | None], Field(default=None, description=STEERING_DOC)),
         return_features=(SkipValidation[FeatureReadoutSpec | None], Field(default=None, description=READOUT_DOC)),
-        guardrails=(SkipValidation[list[Guardrail] | None], Field(default=None, description=GUARDRAILS_DOC)))
+        guardrails=(SkipValidation[list[Guardrail] | None], Field(default=None, description=GUARDRAILS_DOC)),
+        return_hidden_states=(SkipValidation[HiddenStatesSpec | None], Field(default=None, description=HIDDEN_DOC)))
 
     async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
         service: SteeringService = raw_request.app.state.sae_serve
         engine_client = raw_request.app.state.engine_client
         fields = {"steering": request.steering, "return_features": request.return_features,
-                  "guardrails": request.guardrails}
+                  "guardrails": request.guardrails, "return_hidden_states": request.return_hidden_states}
         try:
             prepared = service.prepare(service.parse({k: v for k, v in fields.items() if v is not None}),
                                        client_salt=request.cache_salt, fan_out=_fan_out(request))
@@ -141,8 +146,8 @@ def _fan_out(request: Any) -> dict[str, int]:
 
 async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepared: Any,
                     engine_client: Any) -> AsyncIterator[str]:
-    """Pass SSE events through, adding an ``sae`` object: to each event, the activations of the tokens
-    computed since the previous one (when the request asked for them); to the first event with a
+    """Pass SSE events through, adding an ``sae`` object: to each event, the activations and hidden
+    states of the tokens computed since the previous one (when the request asked for them); to the first event with a
     finish_reason, the steering applied and the rest of the activations. The first event and the
     last are checked for a worker's error (a request that only steers parses just those two); an
     error ends the stream with an error event, as vLLM ends a stream that fails."""
@@ -155,7 +160,7 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                 if finished or not event.startswith("data: {"):
                     continue
                 final = '"finish_reason":"' in event.replace(" ", "")
-                if prepared.readout_sae is None and checked and not final:
+                if not prepared.reads and checked and not final:
                     continue
                 body = json.loads(event.removeprefix("data: "))
                 finished = any(choice.get("finish_reason") for choice in body.get("choices", []))
@@ -170,8 +175,10 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                     if (sae := service.response_object(prepared, collected)) is not None:
                         body["sae"] = sae
                     _mark_aborted(body, collected, service)
-                elif collected.features is not None and collected.features["tokens"]:
+                elif (collected.features and collected.features["tokens"]) or collected.hidden_states:
                     body["sae"] = {"features": collected.features}
+                    if collected.hidden_states is not None:
+                        body["sae"]["hidden_states"] = hidden_states_json(collected.hidden_states)
                 else:
                     continue
                 events[i] = "data: " + json.dumps(body)

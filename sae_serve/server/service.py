@@ -4,6 +4,7 @@ Written once, so HTTP and gRPC enforce the same rules and build the same answers
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from sae_serve.engines.protocol import (
     CAPABILITIES,
     POP_READOUTS,
     EngineRequest,
+    HiddenStates,
     Readout,
     WorkerCapabilities,
     admit,
@@ -47,8 +49,15 @@ class PreparedRequest:
     response carries no ``sae`` object unless they are revealed and fired)."""
     aborts: bool = False
     """Some guardrail on it (its own or the server's) may abort it: vLLM must stop on the stop token."""
+    reads_states: bool = False
+    """It asked for hidden states."""
     counted: set[tuple[str, str]] = field(default_factory=set, compare=False)
     """The rules already counted in the metrics (a stream collects several times)."""
+
+    @property
+    def reads(self) -> bool:
+        """Its response carries per-token data (features or hidden states), collected as it goes."""
+        return self.readout_sae is not None or self.reads_states
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,8 @@ class Collected:
     aborted: bool
     """An abort rule (the request's or the server's) fired; ``SteeringService.ended_by_guardrail``
     tells whether that is what ended the output."""
+    hidden_states: list[HiddenStates] | None = None
+    """The hidden states computed since the last collect, by layer (None when the request reads none)."""
 
 
 class SteeringService:
@@ -111,7 +122,7 @@ class SteeringService:
         policy refuses it) naming the field. Counts steered and refused requests. ``fan_out``: the
         request's fields that make vLLM run several sequences under it, and how many (``n``,
         ``prompt`` lists, ``use_beam_search``). The server's own guardrails join every request."""
-        asked = bool(spec.steering or spec.return_features or spec.guardrails)
+        asked = bool(spec.steering or spec.return_features or spec.guardrails or spec.return_hidden_states)
         if self.server_guardrails:
             spec = spec.model_copy(update={"server_guardrails": self.server_guardrails})
         try:
@@ -136,7 +147,8 @@ class SteeringService:
         return PreparedRequest(admit(spec, client_salt), resolved.applied,
                                spec.return_features.sae if spec.return_features else None,
                                guarded=bool(spec.guardrails), asked=asked,
-                               aborts=any(rule.action == "abort" for rule in resolved.guardrails))
+                               aborts=any(rule.action == "abort" for rule in resolved.guardrails),
+                               reads_states=resolved.hidden is not None)
 
     def ended_by_guardrail(self, collected: Collected, finish_reason: str | None, stop_reason: object) -> bool:
         """Whether an output that finished so was ended by an abort rule (``WorkerCapabilities``)."""
@@ -162,9 +174,10 @@ class SteeringService:
         if fan_out.get("use_beam_search"):  # vLLM's beam search builds its own sampling params: unsteered
             raise SpecError("use_beam_search", "steering and return_features do not apply to beam search")
         for name, sequences in fan_out.items():
-            if resolved.readout is not None and sequences > 1:
-                raise SpecError(name, f"return_features reads one sequence, and this asks for {sequences}: send "
-                                "them as separate requests, or drop return_features")
+            for asked, reads in (("return_features", resolved.readout), ("return_hidden_states", resolved.hidden)):
+                if reads is not None and sequences > 1:
+                    raise SpecError(name, f"{asked} reads one sequence, and this asks for {sequences}: send "
+                                    f"them as separate requests, or drop {asked}")
             if resolved.guardrails and sequences > 1:
                 raise SpecError(name, f"guardrails watch one sequence (this server's own too), and this asks for "
                                 f"{sequences}: send them as separate requests")
@@ -188,11 +201,12 @@ class SteeringService:
         shown = [{"name": f["name"], "action": f["action"], "token_index": f["position"]} for f in reply.guardrails
                  if not f["server"] or self.policy.reveal_server_guardrails]
         aborted = any(f["action"] == "abort" for f in reply.guardrails)
+        states = reply.hidden_states if prepared.reads_states else None
         if prepared.readout_sae is None:
-            return Collected(None, shown, aborted)
+            return Collected(None, shown, aborted, states)
         got = reply.features.get(prepared.readout_sae)
         features = self._tokens(prepared.readout_sae, got) if got else {"sae": prepared.readout_sae, "tokens": []}
-        return Collected(features, shown, aborted)
+        return Collected(features, shown, aborted, states)
 
     async def discard(self, engine_client: Any, prepared: PreparedRequest) -> None:
         """Drop what the workers hold for a request that ended without its answer (aborted)."""
@@ -214,6 +228,8 @@ class SteeringService:
         body = {"applied": [asdict(a) for a in prepared.applied], "features": collected.features}
         if prepared.guarded or collected.guardrails:
             body["guardrails"] = collected.guardrails
+        if collected.hidden_states is not None:
+            body["hidden_states"] = hidden_states_json(collected.hidden_states)
         return body
 
     # --- descriptions ----------------------------------------------------------------------------
@@ -239,3 +255,9 @@ class SteeringService:
     def path_ref(segment: str) -> int | str:
         """A feature named in a URL: ASCII digits are an index, anything else a label."""
         return int(segment) if FEATURE_INDEX.fullmatch(segment) else segment
+
+
+def hidden_states_json(states: list[HiddenStates]) -> list[dict[str, Any]]:
+    """Hidden states as the HTTP API returns them: the values base64-encoded."""
+    return [{"layer": h.layer, "positions": h.positions, "dtype": h.dtype, "shape": h.shape,
+             "data": base64.b64encode(h.data).decode()} for h in states]

@@ -68,6 +68,9 @@ class Policy(BaseModel):
     """The probes a request's guardrails may name. None: all."""
     reveal_server_guardrails: bool = False
     """Whether responses name the server's own guardrails that fired on them."""
+    hidden_state_layers: tuple[int, ...] | None = None
+    """The layers whose hidden states requests may read (``return_hidden_states``). None: every
+    layer the workers expose (config ``hidden_states``); empty: none."""
 
     def check(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
         """Raise ``PolicyError`` for the first thing ``spec`` may not do (the server's own
@@ -80,6 +83,15 @@ class Policy(BaseModel):
             self._check_readout(spec, resolved, registry)
         for i, rule in enumerate(spec.guardrails):
             self._check_guardrail(f"guardrails[{i}]", rule, resolved.guardrails[i], registry)
+        if spec.return_hidden_states is not None:
+            self._check_hidden_states(spec.return_hidden_states.layers)
+
+    def _check_hidden_states(self, layers: list[int]) -> None:
+        allowed = self.hidden_state_layers
+        for i, layer in enumerate(layers):
+            if allowed is not None and layer not in allowed:
+                raise PolicyError(f"return_hidden_states.layers[{i}]", f"layer {layer}'s hidden states may not be "
+                                  f"read on this server (readable: {sorted(allowed)})", forbidden=True)
 
     def _check_guardrail(self, field: str, rule: Guardrail, resolved: ResolvedGuardrail, registry: SaeRegistry) -> None:
         if rule.action not in self.guardrail_actions:

@@ -26,6 +26,8 @@ MAX_TOP_K = 64
 MAX_READOUT_FEATURES = 256
 MAX_GUARDRAILS = 16
 MAX_WINDOW = 64
+MAX_HIDDEN_LAYERS = 16
+MAX_HIDDEN_POSITIONS = 1024
 
 FeatureRef = StrictInt | Annotated[str, Field(min_length=1, max_length=128)]
 Bounded = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
@@ -33,6 +35,7 @@ Multiple = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_MULTIPLE, le=
 Positions = Literal["all", "prompt", "generated"]
 Mode = Literal["clamp", "add", "scale"]
 Action = Literal["steer", "abort", "flag"]
+StateDtype = Literal["float16", "float32"]
 
 
 class _Strict(BaseModel):
@@ -94,6 +97,29 @@ class FeatureReadoutSpec(_Strict):
     def _one_kind(self) -> FeatureReadoutSpec:
         if (self.top_k is None) == (self.features is None):
             raise ValueError("return_features takes exactly one of top_k or features")
+        return self
+
+
+class HiddenStatesSpec(_Strict):
+    """The ``return_hidden_states`` object: the residual stream after decoder layer L (SAELens
+    ``blocks.L.hook_resid_post``, transformers' ``hidden_states[L + 1]``), before any steering at L."""
+
+    layers: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
+        min_length=1, max_length=MAX_HIDDEN_LAYERS, description="Decoder layers, 0-based.")
+    positions: Literal["last", "all"] | list[Annotated[int, Field(ge=0)]] = Field(
+        default="last", description="last: the prompt's last token; all: every token the model computes "
+        "(the prompt, then each generated token but the final one); or these sequence positions.")
+    dtype: StateDtype = Field(default="float32", description="The returned values' type (little-endian).")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> HiddenStatesSpec:
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers: each layer once")
+        if isinstance(self.positions, list):
+            if not 1 <= len(self.positions) <= MAX_HIDDEN_POSITIONS:
+                raise ValueError(f"positions: 1 to {MAX_HIDDEN_POSITIONS} indices")
+            if len(set(self.positions)) != len(self.positions):
+                raise ValueError("positions: each position once")
         return self
 
 
@@ -160,6 +186,7 @@ class RequestSpec(_Strict):
 
     steering: SteeringSpec | None = None
     return_features: FeatureReadoutSpec | None = None
+    return_hidden_states: HiddenStatesSpec | None = None
     guardrails: list[Guardrail] = Field(default=[], max_length=MAX_GUARDRAILS)
     server_guardrails: list[Guardrail] = Field(default=[], max_length=MAX_GUARDRAILS)
 
@@ -190,6 +217,26 @@ class ResolvedReadout:
     sae: str
     top_k: int | None
     features: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class ResolvedHiddenStates:
+    layers: tuple[int, ...]
+    positions: Literal["last", "all"] | tuple[int, ...]
+    dtype: StateDtype
+
+    def count(self, max_model_len: int) -> int:
+        """The most positions one layer may return."""
+        if self.positions == "last":
+            return 1
+        return max_model_len if self.positions == "all" else min(len(self.positions), max_model_len)
+
+    def pick(self, first: int, count: int, prompt_len: int) -> range | list[int]:
+        """Of ``count`` consecutive positions from ``first``, those read (as sequence positions)."""
+        if self.positions == "all":
+            return range(first, first + count)
+        wanted = (prompt_len - 1,) if self.positions == "last" else self.positions
+        return [p for p in wanted if first <= p < first + count]
 
 
 @dataclass(frozen=True)
@@ -225,10 +272,12 @@ class ResolvedRequest:
     readout: ResolvedReadout | None
     applied: tuple[AppliedIntervention, ...]
     guardrails: tuple[ResolvedGuardrail, ...] = ()
+    hidden: ResolvedHiddenStates | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not self.edits and not self.vectors and self.readout is None and not self.guardrails
+        return (not self.edits and not self.vectors and self.readout is None and not self.guardrails
+                and self.hidden is None)
 
     def sae_names(self) -> set[str]:
         names = set(self.edits) | set(self.vectors)
@@ -395,4 +444,13 @@ def resolve(spec: RequestSpec, registry: SaeRegistry) -> ResolvedRequest:
         readout=_readout(spec.return_features, registry) if spec.return_features else None,
         applied=applied,
         guardrails=_guardrails(spec, registry, applied),
+        hidden=_hidden(spec.return_hidden_states),
     )
+
+
+def _hidden(spec: HiddenStatesSpec | None) -> ResolvedHiddenStates | None:
+    """Which layers exist is the workers' to say (``WorkerCapabilities``): the registry knows SAEs only."""
+    if spec is None:
+        return None
+    positions = spec.positions if isinstance(spec.positions, str) else tuple(sorted(spec.positions))
+    return ResolvedHiddenStates(tuple(spec.layers), positions, spec.dtype)

@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from sae_serve.config import OpConfig, SaeServeConfig, write_config
+from sae_serve.config import HiddenStatesConfig, OpConfig, SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.errors import SpecError
@@ -37,7 +37,8 @@ def config(tmp_path_factory) -> SaeServeConfig:
     plant_french_probe(folder / "french.safetensors")
     return SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),),
                           vectors=(VectorEntry(name="v", sae="layer15", path=str(folder / "v.safetensors")),),
-                          probes=(ProbeEntry(name="french", layer=15, path=str(folder / "french.safetensors")),))
+                          probes=(ProbeEntry(name="french", layer=15, path=str(folder / "french.safetensors")),),
+                          hidden_states=HiddenStatesConfig(layers=(3, 14, 16)))
 
 
 @pytest.fixture(scope="module", params=["eager", "compiled", "compiled-fixed"])
@@ -280,3 +281,56 @@ def test_guardrails_refuse_bad_rules_naming_the_field(llm) -> None:
         with pytest.raises((SpecError, ValueError)) as info:
             llm.validate(spec)
         assert field in str(info.value).replace("\n", " "), (spec, str(info.value))
+
+
+# --- hidden states ------------------------------------------------------------------------------
+HIDDEN = {"return_hidden_states": {"layers": [3, 14, 15, 16], "positions": "all"}}
+
+
+def transformers_states(hf_model, token_ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
+    """transformers' ``hidden_states[L + 1]``: the residual stream after decoder layer L."""
+    model, _ = hf_model
+    with torch.no_grad():
+        out = model(torch.tensor([token_ids]), output_hidden_states=True)
+    return {layer: out.hidden_states[layer + 1][0] for layer in layers}
+
+
+def test_hidden_states_equal_transformers_and_show_steering_only_after_its_layer(llm, hf_model) -> None:
+    """Every position the model computed (the prompt, then each generated token but the last), at
+    each layer, equals transformers' within float32 kernel noise; a clamp on layer 15's SAE leaves
+    layers 3-15 of the prompt as they were and changes layer 16."""
+    clamp = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-english", "mode": "clamp",
+                                             "multiple_of_max": 4.0}]}}
+    prompts = ["My favourite food is", "The weather today is", "My favourite food is"]
+    plain, other, steered = llm.generate(prompts, [HIDDEN, None, {**HIDDEN, **clamp}], greedy(5))
+    assert other.hidden_states is None
+    computed = plain.prompt_token_ids + plain.token_ids[:-1]
+    want = transformers_states(hf_model, computed, [3, 14, 15, 16])
+    for layer, (positions, states) in plain.hidden_states.items():
+        assert positions == list(range(len(computed))) and states.shape == (len(computed), 576)
+        scale = want[layer].abs().max()
+        assert (states - want[layer]).abs().max() <= 2e-3 * scale, layer
+    n = len(plain.prompt_token_ids)
+    for layer in (3, 14, 15):  # (the clamp edits layer 15's output after it is read)
+        assert torch.allclose(steered.hidden_states[layer][1][:n], plain.hidden_states[layer][1][:n], atol=1e-4)
+    moved = (steered.hidden_states[16][1][:n] - plain.hidden_states[16][1][:n]).norm(dim=-1)
+    assert (moved > 1.0).all(), moved
+
+
+def test_hidden_states_of_chosen_positions_in_half_precision(llm) -> None:
+    prompt = "Once upon a time, in a small village,"
+    [full] = llm.generate([prompt], [HIDDEN], greedy(4))
+    n = len(full.prompt_token_ids)
+    specs = [{"return_hidden_states": {"layers": [16], "dtype": "float16"}},  # last: the prompt's last token
+             {"return_hidden_states": {"layers": [14, 3], "positions": [0, n + 1, n + 50]}}]
+    last, chosen = llm.generate([prompt, prompt], specs, greedy(4))
+    assert last.hidden_states[16][0] == [n - 1] and last.hidden_states[16][1].dtype == torch.float16
+    assert torch.allclose(last.hidden_states[16][1].float(), full.hidden_states[16][1][n - 1:n], rtol=1e-3, atol=1e-2)
+    assert sorted(chosen.hidden_states) == [3, 14] and chosen.hidden_states[14][0] == [0, n + 1]  # n + 50: never
+    assert torch.allclose(chosen.hidden_states[3][1], full.hidden_states[3][1][[0, n + 1]], atol=1e-4)
+
+
+def test_hidden_states_refuse_layers_not_exposed(llm) -> None:
+    with pytest.raises(SpecError) as info:
+        llm.validate({"return_hidden_states": {"layers": [14, 20]}})
+    assert info.value.field == "return_hidden_states.layers[1]" and "exposed: [3, 14, 15, 16]" in str(info.value)

@@ -221,3 +221,12 @@ def test_the_config_refuses_a_server_wide_steer_rule() -> None:
     with pytest.raises(ValidationError, match="a server-wide guardrail aborts or flags"):
         SaeServeConfig.model_validate({"guardrails": [{"name": "s", "action": "steer", "when": {
             "sae": "l1", "feature": 1, "above": {"value": 1}}, "steering": {"interventions": []}}]})
+
+
+def test_hidden_states_only_at_the_layers_the_policy_lets_clients_read(config_for) -> None:
+    spec = RequestSpec.model_validate({"return_hidden_states": {"layers": [1, 3]}})
+    assert config_for(Policy()).prepare(spec).reads_states  # (the workers say which layers exist)
+    err = refused(config_for(Policy(hidden_state_layers=(1,))), spec)
+    assert (err.field, err.forbidden) == ("return_hidden_states.layers[1]", True)
+    err = refused(config_for(Policy(hidden_state_layers=())), spec)
+    assert err.field == "return_hidden_states.layers[0]"

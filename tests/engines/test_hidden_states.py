@@ -1,0 +1,139 @@
+"""Hidden states on the worker's side, on the runtime itself (vLLM's runner stands in as plain
+data): which rows a request's positions pick in each step, that they are copied before the edit
+at their layer, how the store bounds and returns them, and what the capabilities refuse."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sae_serve.config import LimitsConfig
+from sae_serve.engines.protocol import WorkerCapabilities, admit, cache_salt
+from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
+from sae_serve.errors import SpecError
+from sae_serve.sae.registry import registry_of
+from sae_serve.steering.spec import RequestSpec, resolve
+from tests.conftest import make_sae
+
+SECRET = b"test-deployment-secret"
+D_IN = 16
+CLAMP = {"interventions": [{"sae": "s", "feature": 3, "mode": "clamp", "value": 50.0}]}
+
+
+def runtime() -> SteeringRuntime:
+    """An SAE at layer 2; layers 1 and 2 exposed."""
+    return SteeringRuntime(registry_of({"s": make_sae("relu", D_IN, 32, seed=4, hook_layer=2)}), SECRET,
+                           hidden_layers=(1, 2), d_model=D_IN)
+
+
+def signed(spec: dict, key: str) -> dict:
+    return admit(RequestSpec.model_validate(spec), secret=SECRET, key=key).extra_args
+
+
+def forward(rt: SteeringRuntime, batch: StepBatch, extra: dict, seed: int) -> dict[int, torch.Tensor]:
+    """One step through layers 1 (exposed only) and 2 (the SAE's); the stream each layer computed."""
+    rt.plan_step(batch, extra, {rid: SimpleNamespace() for rid in batch.req_ids})
+    gen = torch.Generator().manual_seed(seed)
+    streams = {}
+    for layer in (1, 2):
+        hidden, residual = (torch.randn(batch.query_start_loc[-1], D_IN, generator=gen) for _ in range(2))
+        streams[layer] = hidden + residual
+        rt.apply(rt.registry.saes["s"] if layer == 2 else None, hidden, residual, layer)
+    return streams
+
+
+def states(rt: SteeringRuntime, key: str) -> dict[int, tuple[list[int], torch.Tensor]]:
+    reply = rt.pop_readouts([key])[key]
+    assert reply.error is None, reply.error
+    return {h.layer: (h.positions, h.tensor()) for h in reply.hidden_states}
+
+
+def test_each_request_gets_its_own_positions_before_the_edit_at_the_layer() -> None:
+    rt = runtime()
+    reads_all = signed({"steering": CLAMP, "return_hidden_states": {"layers": [1, 2], "positions": "all"}}, "all")
+    reads_last = signed({"return_hidden_states": {"layers": [2], "dtype": "float16"}}, "last")
+    # Prefill: "all" has 3 prompt tokens (rows 0-2), "last" 4 (rows 3-6), a plain request 2 (rows 7-8).
+    prefill = StepBatch(["all", "last", "plain"], [0, 3, 7, 9], [0, 0, 0], [3, 4, 2])
+    streams = forward(rt, prefill, {"all": reads_all, "last": reads_last, "plain": None}, seed=0)
+    got = states(rt, "all")
+    assert got[1][0] == [0, 1, 2] and torch.equal(got[1][1], streams[1][0:3])
+    assert got[2][0] == [0, 1, 2] and torch.equal(got[2][1], streams[2][0:3])  # as computed: the clamp came after
+    last = states(rt, "last")
+    assert list(last) == [2] and last[2][0] == [3] and last[2][1].dtype == torch.float16
+    assert torch.equal(last[2][1], streams[2][6:7].half())
+    # A decode step: each request's one new token; "last" has nothing left to read.
+    decode = StepBatch(["all", "last", "plain"], [0, 1, 2, 3], [3, 4, 2], [3, 4, 2])
+    streams = forward(rt, decode, {"all": reads_all, "last": reads_last, "plain": None}, seed=1)
+    got = states(rt, "all")
+    assert got[1][0] == got[2][0] == [3] and torch.equal(got[1][1], streams[1][0:1])
+    assert states(rt, "last") == {}
+
+
+def test_listed_positions_pick_across_steps_and_a_recomputed_position_replaces_its_rows() -> None:
+    rt = runtime()
+    extra = signed({"return_hidden_states": {"layers": [1], "positions": [1, 4]}}, "k")
+    forward(rt, StepBatch(["r"], [0, 3], [0], [3]), {"r": extra}, seed=0)  # positions 0-2
+    forward(rt, StepBatch(["r"], [0, 1], [3], [3]), {"r": extra}, seed=1)  # position 3
+    streams = forward(rt, StepBatch(["r"], [0, 1], [4], [3]), {"r": extra}, seed=2)  # position 4
+    got = states(rt, "k")[1]
+    assert got[0] == [1, 4] and torch.equal(got[1][1], streams[1][0])
+    # Preempted and recomputed from position 0: the new rows replace the old ones.
+    forward(rt, StepBatch(["r"], [0, 2], [3], [3]), {"r": extra}, seed=3)  # positions 3-4 again
+    streams = forward(rt, StepBatch(["r"], [0, 5], [0], [3]), {"r": extra}, seed=4)  # 0-4 again
+    got = states(rt, "k")[1]
+    assert got[0] == [1, 4] and torch.equal(got[1], streams[1][[1, 4]])
+
+
+def test_the_store_fails_a_request_past_its_byte_limit() -> None:
+    store = ReadoutStore(100, 30.0, max_state_bytes=64)
+    store.add_states("k", 3, torch.tensor([0]), torch.zeros(1, 8))  # 32 bytes
+    store.add_states("k", 3, torch.tensor([1]), torch.zeros(1, 8))  # 64
+    assert store.nbytes == 64
+    store.add_states("k", 3, torch.tensor([2]), torch.zeros(1, 8))  # 96: over
+    reply = store.pop("k")
+    assert reply.hidden_states == [] and "limits.max_hidden_state_bytes" in reply.error
+
+
+def capabilities(**changes) -> WorkerCapabilities:
+    return WorkerCapabilities(**{"graph_mode": False, "slots": 16, "max_model_len": 1000, "hidden_layers": (1, 2),
+                                 "d_model": 64, **changes})
+
+
+def check(caps: WorkerCapabilities, hidden: dict, limits: LimitsConfig | None = None) -> None:
+    registry = registry_of({"s": make_sae("relu", D_IN, 32, seed=4, hook_layer=2)})
+    request = resolve(RequestSpec.model_validate({"return_hidden_states": hidden}), registry)
+    caps.check(request, limits or LimitsConfig())
+
+
+def test_capabilities_refuse_naming_the_field() -> None:
+    check(capabilities(), {"layers": [1, 2], "positions": "all"})
+    with pytest.raises(SpecError) as err:
+        check(capabilities(), {"layers": [1, 5]})
+    assert err.value.field == "return_hidden_states.layers[1]" and "exposed: [1, 2]" in str(err.value)
+    # 2 layers x 1000 positions x 64 x 4 bytes = 512,000 bytes
+    with pytest.raises(SpecError) as err:
+        check(capabilities(), {"layers": [1, 2], "positions": "all"}, LimitsConfig(max_hidden_state_bytes=500_000))
+    assert err.value.field == "return_hidden_states" and "512000 bytes" in str(err.value)
+    check(capabilities(), {"layers": [1, 2], "positions": "all", "dtype": "float16"},
+          LimitsConfig(max_hidden_state_bytes=500_000))  # half the bytes fit
+    for refused in ({"graph_mode": True}, {"speculative": True}):
+        with pytest.raises(SpecError) as err:
+            check(capabilities(**refused), {"layers": [1]})
+        assert err.value.field == "return_hidden_states"
+
+
+@pytest.mark.parametrize("bad", [{"layers": []}, {"layers": [1, 1]}, {"layers": [1], "positions": "first"},
+                                 {"layers": [1], "positions": [2, 2]}, {"layers": [1], "positions": [-1]},
+                                 {"layers": [1], "dtype": "bfloat16"}, {"layers": [-1]}])
+def test_the_schema_refuses(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        RequestSpec.model_validate({"return_hidden_states": bad})
+
+
+def test_a_request_reading_states_computes_its_prompt() -> None:
+    spec = RequestSpec.model_validate({"return_hidden_states": {"layers": [1]}})
+    salts = {cache_salt(SECRET, spec, spec.model_dump_json(), None) for _ in range(2)}
+    assert len(salts) == 2 and None not in salts  # unique: never served from another request's cached KV
