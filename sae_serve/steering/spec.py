@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from sae_serve.errors import SpecError
 from sae_serve.sae.registry import NAME_PATTERN, SaeRegistry
@@ -111,16 +111,19 @@ class HiddenStatesSpec(_Strict):
         "(the prompt, then each generated token but the final one); or these sequence positions.")
     dtype: StateDtype = Field(default="float32", description="The returned values' type (little-endian).")
 
-    @model_validator(mode="after")
-    def _distinct(self) -> HiddenStatesSpec:
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError("layers: each layer once")
-        if isinstance(self.positions, list):
-            if not 1 <= len(self.positions) <= MAX_HIDDEN_POSITIONS:
-                raise ValueError(f"positions: 1 to {MAX_HIDDEN_POSITIONS} indices")
-            if len(set(self.positions)) != len(self.positions):
-                raise ValueError("positions: each position once")
-        return self
+    @field_validator("layers")
+    @classmethod
+    def _layers_once(cls, layers: list[int]) -> list[int]:
+        if len(set(layers)) != len(layers):
+            raise ValueError("each layer once")
+        return layers
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_once(cls, positions: str | list[int]) -> str | list[int]:
+        if isinstance(positions, list) and not 1 <= len(set(positions)) == len(positions) <= MAX_HIDDEN_POSITIONS:
+            raise ValueError(f"1 to {MAX_HIDDEN_POSITIONS} positions, each once")
+        return positions
 
 
 class Threshold(_Strict):

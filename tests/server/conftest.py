@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sae_serve.config import LimitsConfig, MetricsConfig, SaeServeConfig, write_config
+from sae_serve.config import HiddenStatesConfig, LimitsConfig, MetricsConfig, SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.sae.features import FeatureCatalog
@@ -22,7 +22,8 @@ def server(default_model_dir, tmp_path_factory) -> Server:
     folder = tmp_path_factory.mktemp("server")
     config = write_config(SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),),
                                          policy=TEST_POLICY, metrics=MetricsConfig(enabled=True),
-                                         limits=LimitsConfig(readout_ttl_s=2)), folder / "config.json")
+                                         limits=LimitsConfig(readout_ttl_s=2, max_hidden_state_bytes=3 * 2**20),
+                                         hidden_states=HiddenStatesConfig(layers=(14,))), folder / "config.json")
     running = start_server(config, folder)
     yield running
     running.stop()
