@@ -11,6 +11,9 @@ Cases (all requests submitted together, greedy, 64 new tokens each):
   topk8       every request reads its top 8 features on every token (a full encode)
   guard4      every request carries 4 server-wide guardrails (3 flag rules and an abort, on 4 features,
               thresholds no token reaches: the watching is what is measured)
+  states4     another engine exposing layers 3, 8 and 22 besides the SAE's 15: every request reads its
+              prompt's last-token hidden states at those 4 layers
+  exposed_idle  that engine, nobody reads (what exposing 3 more layers costs)
   monitor4    a third engine with metrics on: the SAE's 4-feature watchlist on every token, nobody steers
   clamp8_fixed, distinct256_fixed   a fourth engine on the fixed-shape op (op.fixed_shapes, 16 slots)
 Each round runs plain vLLM and every case back to back (A B A B); the ratio of output tokens/s to
@@ -63,7 +66,11 @@ def cases(n: int) -> dict[str, list[dict | None]]:
             {"name": f"rule{i}", "action": "abort" if i == 3 else "flag",
              "when": {"sae": "layer15", "feature": f, "above": {"multiple_of_max": 10.0}}}
             for i, f in enumerate((4563, 978, 914, 2857))]}] * n,
+        "states4": [{"return_hidden_states": {"layers": list(STATE_LAYERS), "positions": "last"}}] * n,
     }
+
+
+STATE_LAYERS = (3, 8, 15, 22)
 
 
 def main() -> None:
@@ -77,7 +84,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from sae_serve.config import MetricsConfig, OpConfig, SaeServeConfig
+    from sae_serve.config import HiddenStatesConfig, MetricsConfig, OpConfig, SaeServeConfig
     from sae_serve.data import DEFAULT_SAE_DIR
     from sae_serve.engines.vllm_offline import SteeredLLM
     from sae_serve.models import prepare_model
@@ -95,13 +102,18 @@ def main() -> None:
     engines = {"steered": SaeServeConfig(saes=saes)}
     if wanted is None or "monitor4" in wanted:
         engines["monitored"] = SaeServeConfig(saes=saes, metrics=MetricsConfig(enabled=True))
+    if wanted is None or wanted & {"states4", "exposed_idle"}:
+        engines["states"] = SaeServeConfig(saes=saes, hidden_states=HiddenStatesConfig(layers=STATE_LAYERS))
     if wanted is None or wanted & {"clamp8_fixed", "distinct256_fixed"}:
         engines["fixed"] = SaeServeConfig(saes=saes, op=OpConfig(fixed_shapes=True))
     built = {name: SteeredLLM(model, config, **kwargs) for name, config in engines.items()}
-    steered, monitored, fixed = built["steered"], built.get("monitored"), built.get("fixed")
+    steered, monitored, fixed, states = (built["steered"], built.get("monitored"), built.get("fixed"),
+                                         built.get("states"))
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1)
     runs = {name: (steered, specs) for name, specs in workload.items()}
+    runs["states4"] = (states, workload["states4"])
+    runs["exposed_idle"] = (states, workload["idle"])
     runs["monitor4"] = (monitored, workload["idle"])
     runs["clamp8_fixed"] = (fixed, workload["clamp8"])
     runs["distinct256_fixed"] = (fixed, workload["distinct256"])
@@ -118,6 +130,8 @@ def main() -> None:
         monitored.generate(prompts(args.requests), workload["idle"], params)
     if fixed is not None:
         fixed.generate(prompts(256), workload["distinct256"], params)
+    if states is not None:
+        states.generate(prompts(args.requests), workload["states4"], params)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     added_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}
     plain_ttft_ms: dict[str, list[float]] = {name: [] for name in runs}

@@ -1,4 +1,5 @@
-"""``sae-serve train``: harvest a layer's activations and train an SAE on them (resumable)."""
+"""``sae-serve train``: harvest a layer's activations and train an SAE on them (resumable). Under
+``torchrun --nproc-per-node N`` the processes train data-parallel (one result, written once)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sae_serve.commands.common import add_model_argument, load_model
+from sae_serve.errors import SaeServeError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sae_serve.train.distributed import Ranks
     from sae_serve.train.pipeline import TrainJob, run_training
     from sae_serve.train.trainer import TrainConfig
 
@@ -39,13 +42,17 @@ def run(args: argparse.Namespace) -> int:
                          lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          total_tokens=int(args.tokens * args.epochs))
     job = TrainJob(args.out, config, args.layer, args.tokens, args.ctx_len, args.corpus, args.corpus_file)
+    if args.batch_size % (ranks := Ranks.from_env()).world:
+        raise SaeServeError(f"--batch-size {args.batch_size} does not divide among {ranks.world} processes")
     model, tokenizer = load_model(args)
     name = (args.model.name if args.model else "SmolLM2-135M-Instruct")
-    with tqdm(total=config.steps, desc="train", unit="step") as bar:
+    with tqdm(total=config.steps, desc="train", unit="step", disable=not ranks.main) as bar:
         def on_log(stats) -> None:
             bar.update(stats.step - bar.n)
             bar.set_postfix(loss=f"{stats.loss:.4f}", fvu=f"{stats.fvu:.3f}", l0=f"{stats.l0:.1f}",
                             dead=f"{stats.dead_fraction:.3f}")
-        run_training(job, model, tokenizer, name, on_log)
-    print(args.out)
+        run_training(job, model, tokenizer, name, on_log, ranks)
+    ranks.close()
+    if ranks.main:
+        print(args.out)
     return 0

@@ -1,7 +1,9 @@
 """``sae-serve train`` as a list of steps: texts -> contexts -> harvest -> train -> export.
 
 Every step that takes long is resumable: the corpus and harvested shards are cached by content,
-and training checkpoints to the output folder and continues from the last checkpoint.
+and training checkpoints to the output folder and continues from the last checkpoint. Under
+``torchrun`` the first process harvests and writes (checkpoints, the SAE) while every process
+trains on its slice of each batch (``distributed.py``); the folders must be shared by all.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from sae_serve.sae.formats import save_sae
 from sae_serve.sae.model import SparseAutoencoder
 from sae_serve.train.activations import ActivationStore, harvest, tokenize_contexts
 from sae_serve.train.corpus import SOURCES, build_corpus, read_corpus
+from sae_serve.train.distributed import ONE_PROCESS, Ranks
 from sae_serve.train.scaling import plot_history
 from sae_serve.train.trainer import StepStats, TrainConfig, Trainer
 
@@ -76,17 +79,19 @@ def harvested(job: TrainJob, model: nn.Module, tokenizer: object, model_name: st
     return harvest(model, contexts, job.layer, folder)
 
 
-def train_with_checkpoints(job: TrainJob, store: ActivationStore,
-                           on_log: Callable[[StepStats], None]) -> Trainer:
-    trainer = Trainer(job.train, store.meta()["d_in"])
+def train_with_checkpoints(job: TrainJob, store: ActivationStore, on_log: Callable[[StepStats], None],
+                           ranks: Ranks = ONE_PROCESS) -> Trainer:
+    device = ranks.device()
+    trainer = Trainer(job.train, store.meta()["d_in"], device, ranks)
     checkpoint = job.out / "checkpoint.pt"
     if checkpoint.exists():
         trainer.load_checkpoint(checkpoint)
         logger.info("resumed from %s at step %d of %d", checkpoint, trainer.step, job.train.steps)
-    batches = store.batches(job.train.batch_size, job.train.seed + trainer.step)
+    batches = store.batches(job.train.batch_size, job.train.seed + trainer.step, device)
     while trainer.step < job.train.steps:
         trainer.fit(batches, log_every=10, until=trainer.step + job.checkpoint_every, on_log=on_log)
-        trainer.save_checkpoint(checkpoint)
+        if ranks.main:
+            trainer.save_checkpoint(checkpoint)
     return trainer
 
 
@@ -105,13 +110,17 @@ def export(job: TrainJob, trainer: Trainer, store: ActivationStore, model_name: 
 
 
 def run_training(job: TrainJob, model: nn.Module, tokenizer: object, model_name: str,
-                 on_log: Callable[[StepStats], None] = lambda s: None) -> SparseAutoencoder:
+                 on_log: Callable[[StepStats], None] = lambda s: None,
+                 ranks: Ranks = ONE_PROCESS) -> SparseAutoencoder | None:
+    """The SAE (None on every process but the first, which writes it)."""
     n_layers = len(decoder_layers(model))
     if not 0 <= job.layer < n_layers:
         raise SaeServeError(f"layer {job.layer} is out of range: the model has layers 0..{n_layers - 1}")
     job.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(job.train.seed)
     np.random.seed(job.train.seed)
-    store = harvested(job, model, tokenizer, model_name)
-    trainer = train_with_checkpoints(job, store, on_log)
-    return export(job, trainer, store, model_name)
+    store = harvested(job, model, tokenizer, model_name) if ranks.main else None
+    ranks.barrier()  # the others find every shard written
+    store = store or harvested(job, model, tokenizer, model_name)
+    trainer = train_with_checkpoints(job, store, on_log, ranks)
+    return export(job, trainer, store, model_name) if ranks.main else None

@@ -5,7 +5,8 @@ loss ||x - x_hat||^2 + lambda * sum_i f_i ||W_dec_i|| with lambda warmed up over
 steps, Adam(0.9, 0.999), lr decayed linearly to 0 over the last 20%, gradient norm clipped to 1,
 decoder rows initialised at norm 0.1 and W_enc = W_dec^T. TopK (Gao et al. 2024) and BatchTopK
 (Bussmann et al. 2024) use plain MSE plus the AuxK loss on dead features, with unit-norm decoder
-rows; BatchTopK is exported as JumpReLU with one global threshold.
+rows; BatchTopK is exported as JumpReLU with one global threshold. Under ``torchrun`` each process
+trains on its slice of every batch (``distributed.Ranks``) and the result equals one process's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae_serve.sae.model import SaeConfig, SparseAutoencoder, build_sae
+from sae_serve.train.distributed import ONE_PROCESS, Ranks
 
 logger = logging.getLogger(__name__)
 TrainArchitecture = Literal["relu", "topk", "batchtopk"]
@@ -112,9 +114,10 @@ class SparseCodes(NamedTuple):
 class TrainingSae(nn.Module):
     """The trainable twin of ``SparseAutoencoder``, on normalised inputs."""
 
-    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device | str) -> None:
+    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device | str, ranks: Ranks = ONE_PROCESS) -> None:
         super().__init__()
         self.cfg = cfg
+        self.ranks = ranks
         gen = torch.Generator().manual_seed(cfg.seed)
         w_dec = torch.randn(cfg.d_sae, d_in, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -149,16 +152,27 @@ class TrainingSae(nn.Module):
             top = pre.topk(k, dim=-1)
             counts = torch.full((batch,), k, dtype=torch.long, device=pre.device)
             return SparseCodes(top.indices.flatten(), torch.relu(top.values).flatten(), counts)
-        top = torch.relu(pre).flatten().topk(k * batch)
-        flat, order = top.indices.sort()  # row-major, so each row's features form one bag
-        values = top.values[order]
+        flat, values = self._batch_top(torch.relu(pre).flatten(), k * batch * self.ranks.world)
         if self.training:  # the export threshold: running mean of the smallest kept activation
             kept = values[values > 0]
-            if kept.numel():
-                self.threshold_sum += kept.min().detach()
+            smallest = self.ranks.min(kept.min() if kept.numel() else pre.new_tensor(torch.inf))
+            if torch.isfinite(smallest):
+                self.threshold_sum += smallest.detach()
                 self.threshold_count += 1
         counts = torch.bincount(flat // self.cfg.d_sae, minlength=batch)
         return SparseCodes(flat % self.cfg.d_sae, values, counts)
+
+    def _batch_top(self, acts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat indices in row-major order, values) of the ``n`` largest of ``acts`` over every
+        rank's batch. Across ranks: this rank's entries at or above the n-th largest of all, less
+        those at 0 (which change nothing: the single process keeps some, they decode to nothing)."""
+        if self.ranks.world == 1:
+            top = acts.topk(n)
+            flat, order = top.indices.sort()  # row-major, so each row's features form one bag
+            return flat, top.values[order]
+        threshold = self.ranks.gather(acts.topk(min(n, acts.numel())).values).topk(n).values[-1]
+        flat = torch.nonzero((acts >= threshold) & (acts > 0)).flatten()
+        return flat, acts[flat]
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec
@@ -169,7 +183,7 @@ class TrainingSae(nn.Module):
 
 
 def _aux_loss(sae: TrainingSae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-              dead: torch.Tensor) -> torch.Tensor:
+              dead: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """AuxK: the top dead features reconstruct what the live ones missed (Gao et al., App. B.1)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -179,15 +193,17 @@ def _aux_loss(sae: TrainingSae, x: torch.Tensor, x_hat: torch.Tensor, pre: torch
     counts = torch.full((x.shape[0],), k_aux, dtype=torch.long, device=x.device)
     recon = SparseCodes(top.indices.flatten(), torch.relu(top.values).flatten(), counts).embed(sae.W_dec)
     residual = (x - x_hat).detach()
-    return (recon - residual).pow(2).sum(-1).mean() / residual.pow(2).sum(-1).mean().clamp(min=1e-8)
+    return (recon - residual).pow(2).sum(-1).mean() / ranks.row_mean(residual.pow(2).sum(-1)).clamp(min=1e-8)
 
 
 class Trainer:
     """Trains one SAE from a stream of normalised activation batches."""
 
-    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device | str = "cpu",
+                 ranks: Ranks = ONE_PROCESS) -> None:
         self.cfg = cfg
-        self.sae = TrainingSae(cfg, d_in, device)
+        self.ranks = ranks
+        self.sae = TrainingSae(cfg, d_in, device, ranks)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
         self.step = 0
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
@@ -206,7 +222,7 @@ class Trainer:
 
     # --- one step, as a list of named parts -----------------------------------------------------
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
-        """(total loss, features fired in the batch, L0, squared error per token)."""
+        """(total loss, features fired in this rank's rows, L0, squared error per token)."""
         sae = self.sae
         pre = sae.pre_activations(x)
         if self.cfg.architecture == "relu":
@@ -219,8 +235,8 @@ class Trainer:
         x_hat = sae.decode_codes(codes)
         sq_err = (x - x_hat).pow(2).sum(-1)
         dead = self.tokens_since_fired >= self.cfg.dead_after_tokens
-        aux = _aux_loss(sae, x, x_hat, pre, dead)
-        loss = sq_err.mean() / x.pow(2).sum(-1).mean() + self.cfg.aux_coefficient * aux
+        aux = _aux_loss(sae, x, x_hat, pre, dead, self.ranks)
+        loss = sq_err.mean() / self.ranks.row_mean(x.pow(2).sum(-1)) + self.cfg.aux_coefficient * aux
         return loss, codes.fired(self.cfg.d_sae), codes.l0(), sq_err
 
     def _unit_norm_decoder(self) -> None:
@@ -232,22 +248,30 @@ class Trainer:
         with torch.no_grad():
             w.data /= w.data.norm(dim=1, keepdim=True).clamp(min=1e-8)
 
-    def train_step(self, x: torch.Tensor) -> StepStats:
+    def train_step(self, batch: torch.Tensor) -> StepStats:
+        """One step on a global batch (each rank trains on its slice)."""
+        x = self.ranks.shard(batch)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         loss, fired, l0, sq_err = self.loss(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.ranks.average_gradients(self.sae.parameters())
         nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
         if self.cfg.architecture == "relu":
             self.optimizer.step()
         else:
             self._unit_norm_decoder()
-        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + x.shape[0])
+        fired = self.ranks.max(fired.long()).bool()
+        self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + batch.shape[0])
         self.step += 1
         with torch.no_grad():
-            total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
-            return StepStats(self.step, float(loss), float(sq_err.mean() / total_var), l0,
+            # Over the global batch: mean loss, squared error, L0, and the variance from sums.
+            rows = batch.shape[0]
+            sums = self.ranks.sum(torch.cat([torch.stack([loss.detach() * x.shape[0], sq_err.sum(),
+                                                          x.new_tensor(l0 * x.shape[0]), x.pow(2).sum()]), x.sum(0)]))
+            total_var = sums[3] / rows - (sums[4:] / rows).pow(2).sum()
+            return StepStats(self.step, float(sums[0] / rows), float(sums[1] / rows / total_var), float(sums[2] / rows),
                              float((self.tokens_since_fired >= self.cfg.dead_after_tokens).float().mean()))
 
     def fit(self, batches: Iterator[torch.Tensor], log_every: int = 50, until: int | None = None,
