@@ -13,6 +13,7 @@ from sae_serve.errors import SaeServeError
 SUBCOMMANDS = {
     "models": "Prepare and locate the embedded default model.",
     "features": "Show a feature's card; find features by contrastive search.",
+    "harvest": "Harvest a layer's activations over a corpus (transformers or vLLM) for train.",
     "train": "Harvest activations and train an SAE (paper ReLU, TopK, BatchTopK).",
     "eval": "Evaluate an SAE on held-out text: FVU, L0, dead, Delta CE, loss recovered.",
     "sae": "Check an SAE (any supported format) against a model before deploying it.",

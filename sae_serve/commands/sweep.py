@@ -34,15 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from sae_serve.train.activations import tokenize_contexts
     from sae_serve.train.calibrate import context_chunks
     from sae_serve.train.evaluate import reconstruction_metrics
-    from sae_serve.train.pipeline import TrainJob, corpus_texts, harvested
+    from sae_serve.train.pipeline import HarvestJob, corpus_texts, harvested
     from sae_serve.train.scaling import SweepRun, fit_sweep, plot_sweep
     from sae_serve.train.trainer import TrainConfig, Trainer
 
     model, tokenizer = load_model(args)
-    base = TrainConfig("batchtopk", d_sae=max(args.widths), k=args.k, total_tokens=max(args.tokens),
-                       batch_size=args.batch_size)
-    store = harvested(TrainJob(args.out, base, args.layer, max(args.tokens), corpus=args.corpus,
-                               corpus_file=args.corpus_file), model, tokenizer, "sweep")
+    store = harvested(HarvestJob(args.layer, max(args.tokens), corpus=args.corpus, corpus_file=args.corpus_file),
+                      model, tokenizer, "sweep")
     held = tokenize_contexts(corpus_texts(args.corpus, args.corpus_file, "heldout"), tokenizer, 256, 16 * 256)
     held_acts = torch.cat(list(context_chunks(model, held, args.layer)))
     runs = []

@@ -35,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sae_serve.train.distributed import Ranks
-    from sae_serve.train.pipeline import TrainJob, run_training
+    from sae_serve.train.pipeline import HarvestJob, TrainJob, run_training
     from sae_serve.train.trainer import TrainConfig
 
     config = TrainConfig(args.architecture, d_sae=args.d_sae, k=args.k, l1_coefficient=args.l1_coefficient,
                          lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          total_tokens=int(args.tokens * args.epochs))
-    job = TrainJob(args.out, config, args.layer, args.tokens, args.ctx_len, args.corpus, args.corpus_file)
+    job = TrainJob(args.out, config, HarvestJob(args.layer, args.tokens, args.ctx_len, args.corpus, args.corpus_file))
     if args.batch_size % (ranks := Ranks.from_env()).world:
         raise SaeServeError(f"--batch-size {args.batch_size} does not divide among {ranks.world} processes")
     model, tokenizer = load_model(args)

@@ -86,9 +86,10 @@ class EngineRequest:
         """Flat ``SamplingParams.extra_args`` (a client's vllm_xargs can never override them)."""
         return {SPEC_KEY: self.spec_json, REQUEST_KEY: self.key, SIGNATURE_KEY: self.signature}
 
-    def prompt(self, text: str) -> dict[str, str]:
-        """The prompt as vLLM takes it, with the request's cache salt."""
-        return {"prompt": text} if self.cache_salt is None else {"prompt": text, "cache_salt": self.cache_salt}
+    def prompt(self, prompt: str | list[int]) -> dict[str, Any]:
+        """The prompt (text or token ids) as vLLM takes it, with the request's cache salt."""
+        out: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+        return out if self.cache_salt is None else {**out, "cache_salt": self.cache_salt}
 
 
 def cache_salt(secret: bytes, spec: RequestSpec, spec_json: str, client_salt: str | None) -> str | None:

@@ -89,10 +89,10 @@ class SteeredLLM:
         self.capabilities.check(resolved, self.limits)
         return parsed, resolved
 
-    def generate(self, prompts: Sequence[str], specs: Sequence[RequestSpec | dict | None],
+    def generate(self, prompts: Sequence[str | list[int]], specs: Sequence[RequestSpec | dict | None],
                  sampling_params: Any, lora_request: Any = None) -> list[SteeredOutput]:
-        """Generate ``prompts[i]`` under ``specs[i]`` (and vLLM's ``lora_request``, one or a list);
-        every spec is checked before any is sent."""
+        """Generate ``prompts[i]`` (text or token ids) under ``specs[i]`` (and vLLM's
+        ``lora_request``, one or a list); every spec is checked before any is sent."""
         checked = [self.validate(s) for s in specs]
         if sampling_params.n > 1 and any(r.guardrails or r.readout or r.hidden for _, r in checked):
             raise SpecError("n", "guardrails and readouts watch one sequence: generate the others as separate prompts")

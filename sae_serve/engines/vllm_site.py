@@ -141,7 +141,7 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     device) and keeps the others' catalogs to resolve requests (their weights in host memory); a
     stage with none of them steers and reports nothing."""
     config = runner_config(runner)
-    if config is None or not config.saes:
+    if config is None or not (config.saes or config.hidden_states.layers):
         return None
     check_layout(runner.vllm_config)
     model_config = runner.model_config
@@ -162,7 +162,8 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         registry.moved(runner.device, local), deployment_secret(), graph_mode or replays_cuda_graphs(runner),
         model_config.max_model_len, config.op.slots, worker_metrics() if reports else SilentMetrics(),
         ReadoutStore.of(config.limits), reports=reports, local=local,
-        counts_requests=reports and min(layers.values()) in stack.owned,  # one stage counts each request
+        # one stage counts each request: the first with an op
+        counts_requests=reports and min([*layers.values(), *config.hidden_states.layers]) in stack.owned,
         speculative=runner.vllm_config.speculative_config is not None,
         stop_token=eos_token(model_config.hf_text_config), server_rules=config.guardrails,
         pipeline=len(stack.owned) < len(stack.layers), hidden_layers=exposed,

@@ -3,7 +3,9 @@
 Texts are tokenised, joined with the end-of-text token and cut into fixed-length contexts.
 Position 0 of every context is skipped: its residual norm is an outlier (about 100x the rest on
 the default model). Activations go to disk in shards written atomically, so an interrupted
-harvest resumes at the first missing shard and produces identical files.
+harvest resumes at the first missing shard and produces identical files. The activations come
+from transformers (a forward hook) or from any other engine that computes a batch of contexts'
+(``ContextActivations``; vLLM's lives in ``engines/vllm_harvest.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from sae_serve.architectures import decoder_layers
 from sae_serve.errors import SaeServeError
 
 logger = logging.getLogger(__name__)
+ContextActivations = Callable[[torch.Tensor], torch.Tensor]
+"""(contexts, ctx_len) token ids -> (contexts, ctx_len, d_model) resid_post of the harvested layer."""
 
 
 class _StopForward(Exception):
@@ -120,9 +124,11 @@ class ActivationStore:
                     yield torch.from_numpy(np.asarray(data[rows], dtype=np.float32)).to(device) * scale
 
 
-def harvest(model: nn.Module, contexts: np.ndarray, layer: int, folder: Path,
+def harvest(source: nn.Module | ContextActivations, contexts: np.ndarray, layer: int, folder: Path,
             batch_contexts: int = 8, shard_contexts: int = 256) -> ActivationStore:
-    """Write activations of ``layer`` for ``contexts`` (position 0 skipped) to ``folder``; resumable."""
+    """Write activations of ``layer`` for ``contexts`` (position 0 skipped) to ``folder``; resumable.
+    ``source``: a transformers model, or a function that computes a batch's activations."""
+    compute = (lambda ids: layer_activations(source, ids, layer)) if isinstance(source, nn.Module) else source
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(contexts) + shard_contexts - 1) // shard_contexts
     done = [s for s in range(n_shards) if (folder / f"shard-{s:05d}.npy").exists()]
@@ -140,7 +146,7 @@ def harvest(model: nn.Module, contexts: np.ndarray, layer: int, folder: Path,
         parts = []
         for b in range(0, len(chunk), batch_contexts):
             ids = torch.from_numpy(chunk[b : b + batch_contexts]).long()
-            acts = layer_activations(model, ids, layer)[:, 1:]
+            acts = compute(ids)[:, 1:]
             parts.append(acts.reshape(-1, acts.shape[-1]).float())
         acts = torch.cat(parts)
         if not torch.isfinite(acts).all():

@@ -24,7 +24,7 @@ from sae_serve.architectures import decoder_layers
 from sae_serve.errors import SaeServeError
 from sae_serve.sae.formats import save_sae
 from sae_serve.sae.model import SparseAutoencoder
-from sae_serve.train.activations import ActivationStore, harvest, tokenize_contexts
+from sae_serve.train.activations import ActivationStore, ContextActivations, harvest, tokenize_contexts
 from sae_serve.train.corpus import SOURCES, build_corpus, read_corpus
 from sae_serve.train.distributed import ONE_PROCESS, Ranks
 from sae_serve.train.scaling import plot_history
@@ -35,15 +35,11 @@ SMALL_TIER = ("gutenberg", "sotu")
 
 
 @dataclass(frozen=True)
-class TrainJob:
-    """One ``sae-serve train`` invocation."""
+class HarvestJob:
+    """Which activations to harvest (``sae-serve harvest``, and the first step of train)."""
 
-    out: Path
-    """Folder for the SAE (SAELens layout), checkpoint, history and loss curve."""
-    train: TrainConfig
-    """The optimisation; ``train.total_tokens`` may exceed ``tokens`` (several passes)."""
     layer: int
-    """Decoder layer whose output (resid_post) is learned."""
+    """Decoder layer whose output (resid_post) is harvested."""
     tokens: int
     """Distinct tokens to harvest."""
     ctx_len: int = 256
@@ -52,6 +48,18 @@ class TrainJob:
     """Packaged corpus tier: default or small."""
     corpus_file: Path | None = None
     """A text file (documents separated by blank lines) instead of the packaged corpus."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One ``sae-serve train`` invocation."""
+
+    out: Path
+    """Folder for the SAE (SAELens layout), checkpoint, history and loss curve."""
+    train: TrainConfig
+    """The optimisation; ``train.total_tokens`` may exceed ``harvest.tokens`` (several passes)."""
+    harvest: HarvestJob
+    """The activations it learns from."""
     checkpoint_every: int = 200
     """Steps between checkpoints."""
 
@@ -71,12 +79,16 @@ def corpus_texts(corpus: str = "default", corpus_file: Path | None = None, split
     yield from (text for _, text in read_corpus(path, split))
 
 
-def harvested(job: TrainJob, model: nn.Module, tokenizer: object, model_name: str) -> ActivationStore:
+def harvested(job: HarvestJob, source: nn.Module | ContextActivations, tokenizer: object, model_name: str,
+              batch_contexts: int = 8) -> ActivationStore:
+    """The job's activations, harvested from ``source`` (a transformers model or another engine's
+    ``ContextActivations``) into a cache folder named by model, layer and contexts: whichever
+    engine harvested them, training finds them there."""
     contexts = tokenize_contexts(corpus_texts(job.corpus, job.corpus_file), tokenizer, job.ctx_len, job.tokens)
     digest = hashlib.sha1(contexts.tobytes()).hexdigest()[:12]
     folder = envs.cache_dir() / "activations" / f"{model_name}-L{job.layer}-{digest}"
     logger.info("harvesting %d contexts into %s (resumes where it stopped)", len(contexts), folder)
-    return harvest(model, contexts, job.layer, folder)
+    return harvest(source, contexts, job.layer, folder, batch_contexts=batch_contexts)
 
 
 def train_with_checkpoints(job: TrainJob, store: ActivationStore, on_log: Callable[[StepStats], None],
@@ -96,12 +108,12 @@ def train_with_checkpoints(job: TrainJob, store: ActivationStore, on_log: Callab
 
 
 def export(job: TrainJob, trainer: Trainer, store: ActivationStore, model_name: str) -> SparseAutoencoder:
-    sae = trainer.export(store.meta()["scale"], job.layer, model_name)
+    sae = trainer.export(store.meta()["scale"], job.harvest.layer, model_name)
     save_sae(sae, job.out)
     history = trainer.history
     (job.out / "training.json").write_text(json.dumps(
-        {"config": asdict(job.train), "layer": job.layer, "tokens": job.tokens, "scale": store.meta()["scale"],
-         "history": [asdict(h) for h in history]}, indent=1, default=str))
+        {"config": asdict(job.train), "layer": job.harvest.layer, "tokens": job.harvest.tokens,
+         "scale": store.meta()["scale"], "history": [asdict(h) for h in history]}, indent=1, default=str))
     if history:
         plot_history([h.step for h in history], {k: [getattr(h, k) for h in history]
                                                  for k in ("loss", "fvu", "l0", "dead_fraction")},
@@ -109,18 +121,21 @@ def export(job: TrainJob, trainer: Trainer, store: ActivationStore, model_name: 
     return sae
 
 
+def check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise SaeServeError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+
+
 def run_training(job: TrainJob, model: nn.Module, tokenizer: object, model_name: str,
                  on_log: Callable[[StepStats], None] = lambda s: None,
                  ranks: Ranks = ONE_PROCESS) -> SparseAutoencoder | None:
     """The SAE (None on every process but the first, which writes it)."""
-    n_layers = len(decoder_layers(model))
-    if not 0 <= job.layer < n_layers:
-        raise SaeServeError(f"layer {job.layer} is out of range: the model has layers 0..{n_layers - 1}")
+    check_layer(job.harvest.layer, len(decoder_layers(model)))
     job.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(job.train.seed)
     np.random.seed(job.train.seed)
-    store = harvested(job, model, tokenizer, model_name) if ranks.main else None
+    store = harvested(job.harvest, model, tokenizer, model_name) if ranks.main else None
     ranks.barrier()  # the others find every shard written
-    store = store or harvested(job, model, tokenizer, model_name)
+    store = store or harvested(job.harvest, model, tokenizer, model_name)
     trainer = train_with_checkpoints(job, store, on_log, ranks)
     return export(job, trainer, store, model_name) if ranks.main else None

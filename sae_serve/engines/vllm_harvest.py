@@ -1,0 +1,42 @@
+"""Harvesting activations on vLLM: the plugin returns each context's residual stream after the
+harvested layer (``return_hidden_states``), in place of transformers' forward hook.
+
+``sae-serve harvest --engine vllm`` hands this to ``train.activations.harvest``, which writes the
+same shards as the transformers path, in the same cache folder, so ``sae-serve train`` finds them.
+Tensor parallelism and vLLM's other engine options pass through.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_serve.config import HiddenStatesConfig, LimitsConfig, SaeServeConfig
+from sae_serve.engines.vllm_offline import SteeredLLM
+
+
+class VllmActivations:
+    """``ContextActivations`` of ``layer`` on a vLLM engine (no SAE needed: the layer is exposed)."""
+
+    def __init__(self, model: str | os.PathLike[str], layer: int, ctx_len: int, config_dir: Path | None = None,
+                 **llm_kwargs: Any) -> None:
+        from vllm import SamplingParams
+
+        # Offline use is trusted: the only limit is what one context's states take.
+        config = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(layer,)),
+                                limits=LimitsConfig(max_hidden_state_bytes=2**31))
+        llm_kwargs.setdefault("max_model_len", ctx_len + 1)  # the context, and the one token sampled
+        # Hidden states are read on the V1 runner without CUDA graphs (which help decoding, not this prefill).
+        llm_kwargs.setdefault("enforce_eager", True)
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        self.llm = SteeredLLM(model, config, config_dir=config_dir, **llm_kwargs)
+        self.layer = layer
+        self.spec = {"return_hidden_states": {"layers": [layer], "positions": "all"}}
+        self.params = SamplingParams(max_tokens=1, temperature=0)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        outputs = self.llm.generate([row.tolist() for row in ids], [self.spec] * len(ids), self.params)
+        return torch.stack([out.hidden_states[self.layer][1] for out in outputs])
