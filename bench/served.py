@@ -1,8 +1,10 @@
 """The server as users measure it: vLLM's own benchmark client against plain vLLM's OpenAI server and
 against `sae-serve serve`, rounds interleaved, output tokens/s as ratios to plain in each round.
 
-Variants on the sae_serve server: idle (no request steers), clamp8 (every request clamps 8 features;
-each one is admitted, signed, and its worker reply fetched on its first and last stream event).
+Variants on the sae_serve server (its default config: watchlist monitoring on): idle (no request
+steers), clamp8 (every request clamps 8 features; each one is admitted, signed, and its worker reply
+fetched on its first and last stream event), readout4 (every request streams its top-4 features per
+token: a reply fetched for every event).
 Prints one JSON line per round and a summary; appends it to bench/results/served.jsonl.
 
     python bench/served.py --rounds 3
@@ -27,6 +29,8 @@ from statistics import median
 CLAMP8 = {"steering": {"interventions": [
     {"sae": "layer15", "feature": f, "mode": "clamp", "value": 1.0}
     for f in (4563, 978, 914, 2857, 4263, 3261, 100, 2000)]}}
+READOUT4 = {"return_features": {"sae": "layer15", "top_k": 4}}
+VARIANTS = {"idle": None, "clamp8": CLAMP8, "readout4": READOUT4}
 
 
 def free_port() -> int:
@@ -70,10 +74,10 @@ def bench(port: int, model: str, args: argparse.Namespace, extra: dict | None) -
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=48)
+    parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "served.jsonl"))
     args = parser.parse_args()
     from sae_serve.models import prepare_model
@@ -86,17 +90,15 @@ def main() -> None:
     plain = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port",
                    str(plain_port), *common], {**env, "VLLM_PLUGINS": "none"}, plain_port, logs / "plain.log")
     served = start([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(sae_port), "--grpc-port", "0",
-                    "--", "--max-model-len", "1024"], env, sae_port, logs / "sae.log")
+                    "--", *common], env, sae_port, logs / "sae.log")
     rounds = []
     try:
         bench(plain_port, model, args, None)  # warm both
         bench(sae_port, model, args, CLAMP8)
         for r in range(args.rounds):
             base = bench(plain_port, model, args, None)
-            idle = bench(sae_port, model, args, None)
-            clamp8 = bench(sae_port, model, args, CLAMP8)
-            rounds.append({"round": r, "plain_tok_s": base, "idle": round(idle / base, 3),
-                           "clamp8": round(clamp8 / base, 3)})
+            rounds.append({"round": r, "plain_tok_s": base} | {
+                name: round(bench(sae_port, model, args, extra) / base, 3) for name, extra in VARIANTS.items()})
             print(json.dumps(rounds[-1]), flush=True)
     finally:
         for proc in (plain, served):
@@ -105,7 +107,7 @@ def main() -> None:
     result = {"bench": "served", "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "prompts": args.prompts, "concurrency": args.concurrency, "input_len": args.input_len,
               "output_len": args.output_len, "rounds": rounds,
-              "median": {k: median(r[k] for r in rounds) for k in ("idle", "clamp8")}}
+              "median": {k: median(r[k] for r in rounds) for k in VARIANTS}}
     print(json.dumps(result["median"]))
     with Path(args.out).open("a") as f:
         f.write(json.dumps(result) + "\n")
