@@ -64,7 +64,7 @@ class LimitsConfig(BaseModel):
     """Feature activations one request may get back: features per token times the most tokens it
     can have (the model's context length). More is refused up front (400); the workers hold no
     more than this per request either."""
-    max_hidden_state_bytes: int = Field(default=16 * 2**20, ge=1)
+    max_hidden_state_bytes: int = Field(default=4 * 2**20, ge=1)
     """Bytes of hidden states one request may get back: layers times positions (the model's context
     length for ``all``) times d_model times the dtype's size. More is refused up front (400)."""
     readout_ttl_s: float = Field(default=30.0, gt=0, le=3600)

@@ -27,13 +27,20 @@ def sae_path(args: argparse.Namespace) -> Path:
 
 def load_model(args: argparse.Namespace):  # -> (model, tokenizer)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from sae_serve.models import prepare_model
 
     folder = args.model or prepare_model()
-    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(folder))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_tokenizer(args)
+
+
+def load_tokenizer(args: argparse.Namespace):  # -> tokenizer
+    from transformers import AutoTokenizer
+
+    from sae_serve.models import prepare_model
+
+    return AutoTokenizer.from_pretrained(args.model or prepare_model())
 
 
 def read_texts(path: Path) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sae_serve.commands.common import add_model_argument, load_model
+from sae_serve.commands.common import add_model_argument, load_model, load_tokenizer
 from sae_serve.errors import SaeServeError
 
 
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     job = TrainJob(args.out, config, HarvestJob(args.layer, args.tokens, args.ctx_len, args.corpus, args.corpus_file))
     if args.batch_size % (ranks := Ranks.from_env()).world:
         raise SaeServeError(f"--batch-size {args.batch_size} does not divide among {ranks.world} processes")
-    model, tokenizer = load_model(args)
+    # Only the first process harvests: the others read its shards and need no model.
+    model, tokenizer = load_model(args) if ranks.main else (None, load_tokenizer(args))
     name = (args.model.name if args.model else "SmolLM2-135M-Instruct")
     with tqdm(total=config.steps, desc="train", unit="step", disable=not ranks.main) as bar:
         def on_log(stats) -> None:

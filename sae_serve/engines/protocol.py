@@ -250,6 +250,9 @@ class WorkerCapabilities:
             raise SpecError("return_hidden_states", "hidden states are not available on this server: they are read "
                             "on vLLM's V1 model runner without CUDA graphs or speculative decoding (enforce_eager, "
                             "VLLM_USE_V2_MODEL_RUNNER=0)")
+        if not isinstance(hidden.positions, str) and hidden.positions[-1] >= self.max_model_len:
+            raise SpecError("return_hidden_states.positions", f"position {hidden.positions[-1]} is beyond this "
+                            f"server's context length of {self.max_model_len} tokens")
         for i, layer in enumerate(hidden.layers):
             if layer not in self.hidden_layers:
                 raise SpecError(f"return_hidden_states.layers[{i}]", f"layer {layer} is not exposed by this server "

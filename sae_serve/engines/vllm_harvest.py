@@ -16,6 +16,7 @@ import torch
 
 from sae_serve.config import HiddenStatesConfig, LimitsConfig, SaeServeConfig
 from sae_serve.engines.vllm_offline import SteeredLLM
+from sae_serve.errors import SaeServeError
 
 
 class VllmActivations:
@@ -25,18 +26,26 @@ class VllmActivations:
                  **llm_kwargs: Any) -> None:
         from vllm import SamplingParams
 
-        # Offline use is trusted: the only limit is what one context's states take.
+        # Offline use is trusted: the only limit is what one context's states take. States wait on
+        # the workers until the whole batch is done, however long it takes.
         config = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(layer,)),
-                                limits=LimitsConfig(max_hidden_state_bytes=2**31))
+                                limits=LimitsConfig(max_hidden_state_bytes=2**31, readout_ttl_s=3600))
         llm_kwargs.setdefault("max_model_len", ctx_len + 1)  # the context, and the one token sampled
         # Hidden states are read on the V1 runner without CUDA graphs (which help decoding, not this prefill).
         llm_kwargs.setdefault("enforce_eager", True)
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         self.llm = SteeredLLM(model, config, config_dir=config_dir, **llm_kwargs)
+        if self.llm.capabilities.graph_mode:  # (vLLM had cached its environment before ours was set)
+            raise SaeServeError("vLLM runs this model with CUDA graphs, where hidden states are not read: set "
+                                "VLLM_USE_V2_MODEL_RUNNER=0 before vLLM starts")
         self.layer = layer
         self.spec = {"return_hidden_states": {"layers": [layer], "positions": "all"}}
         self.params = SamplingParams(max_tokens=1, temperature=0)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         outputs = self.llm.generate([row.tolist() for row in ids], [self.spec] * len(ids), self.params)
+        for out in outputs:
+            got = out.hidden_states.get(self.layer, ([], None))[0]
+            if got != list(range(ids.shape[1])):
+                raise SaeServeError(f"vLLM returned hidden states at {len(got)} of the {ids.shape[1]} positions")
         return torch.stack([out.hidden_states[self.layer][1] for out in outputs])

@@ -308,7 +308,8 @@ class SteeringRuntime:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
 
     def _copy_out(self, layer: int, capture: _Capture, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        states = (hidden[capture.rows] + residual[capture.rows]).float().cpu()
+        rows = capture.rows.to(hidden.device, non_blocking=True)
+        states = (hidden[rows] + residual[rows]).cpu()  # (the model's dtype; each part's asked for below)
         start = 0
         for key, positions, dtype in capture.parts:
             end = start + positions.numel()

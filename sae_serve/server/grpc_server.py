@@ -74,6 +74,8 @@ def request_body(request: Any) -> dict[str, Any]:
         body["guardrails"] = [_guardrail(g) for g in request.guardrails]
     if request.HasField("return_hidden_states"):
         h = request.return_hidden_states
+        if h.positions and h.position_list:
+            raise SpecError("return_hidden_states.position_list", "set positions or position_list, not both")
         positions: str | list[int] = list(h.position_list) if h.position_list else (h.positions or "last")
         body["return_hidden_states"] = {"layers": list(h.layers), "positions": positions,
                                         "dtype": h.dtype or "float32"}

@@ -141,6 +141,9 @@ def _fan_out(request: Any) -> dict[str, int]:
     """The fields under which vLLM runs several sequences for one request."""
     prompt = getattr(request, "prompt", None)
     prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
+    embeds = getattr(request, "prompt_embeds", None)  # vLLM runs each as one more sequence
+    if embeds is not None:
+        prompts = (prompts if prompt else 0) + (len(embeds) if isinstance(embeds, list) else 1)
     return {"n": request.n or 1, "prompt": prompts, "use_beam_search": int(bool(request.use_beam_search))}
 
 

@@ -53,6 +53,9 @@ class PreparedRequest:
     """It asked for hidden states."""
     counted: set[tuple[str, str]] = field(default_factory=set, compare=False)
     """The rules already counted in the metrics (a stream collects several times)."""
+    delivered: dict[str | int, int] = field(default_factory=dict, compare=False)
+    """The last position collected, by readout SAE and by hidden-state layer: a request preempted
+    after a stream sent some computes them again, and they are not sent twice."""
 
     @property
     def reads(self) -> bool:
@@ -201,12 +204,18 @@ class SteeringService:
         shown = [{"name": f["name"], "action": f["action"], "token_index": f["position"]} for f in reply.guardrails
                  if not f["server"] or self.policy.reveal_server_guardrails]
         aborted = any(f["action"] == "abort" for f in reply.guardrails)
-        states = reply.hidden_states if prepared.reads_states else None
+        states = [_unsent(prepared, h) for h in reply.hidden_states] if prepared.reads_states else None
         if prepared.readout_sae is None:
-            return Collected(None, shown, aborted, states)
+            return Collected(None, shown, aborted, states and [h for h in states if h.positions])
         got = reply.features.get(prepared.readout_sae)
-        features = self._tokens(prepared.readout_sae, got) if got else {"sae": prepared.readout_sae, "tokens": []}
-        return Collected(features, shown, aborted, states)
+        features = {"sae": prepared.readout_sae, "tokens": []}
+        if got:
+            features = self._tokens(prepared.readout_sae, got)
+            mark = prepared.delivered.get(prepared.readout_sae, -1)
+            features["tokens"] = [t for t in features["tokens"] if t["position"] > mark]
+            if features["tokens"]:
+                prepared.delivered[prepared.readout_sae] = features["tokens"][-1]["position"]
+        return Collected(features, shown, aborted, states and [h for h in states if h.positions])
 
     async def discard(self, engine_client: Any, prepared: PreparedRequest) -> None:
         """Drop what the workers hold for a request that ended without its answer (aborted)."""
@@ -261,3 +270,18 @@ def hidden_states_json(states: list[HiddenStates]) -> list[dict[str, Any]]:
     """Hidden states as the HTTP API returns them: the values base64-encoded."""
     return [{"layer": h.layer, "positions": h.positions, "dtype": h.dtype, "shape": h.shape,
              "data": base64.b64encode(h.data).decode()} for h in states]
+
+
+def _unsent(prepared: PreparedRequest, states: HiddenStates) -> HiddenStates:
+    """``states`` less the positions already collected for its layer."""
+    mark = prepared.delivered.get(states.layer, -1)
+    keep = [i for i, p in enumerate(states.positions) if p > mark]
+    if len(keep) == len(states.positions):
+        kept = states
+    else:
+        row = len(states.data) // max(1, states.shape[0])
+        kept = HiddenStates(states.layer, [states.positions[i] for i in keep], states.dtype,
+                            [len(keep), states.shape[1]], b"".join(states.data[i * row:(i + 1) * row] for i in keep))
+    if kept.positions:
+        prepared.delivered[states.layer] = kept.positions[-1]
+    return kept

@@ -70,7 +70,8 @@ class Policy(BaseModel):
     """Whether responses name the server's own guardrails that fired on them."""
     hidden_state_layers: tuple[int, ...] | None = None
     """The layers whose hidden states requests may read (``return_hidden_states``). None: every
-    layer the workers expose (config ``hidden_states``); empty: none."""
+    layer the workers expose (config ``hidden_states``), unless the policy restricts reads
+    (``allow_readout``, ``readable``, ``probes``): then none; empty: none."""
 
     def check(self, spec: RequestSpec, resolved: ResolvedRequest, registry: SaeRegistry) -> None:
         """Raise ``PolicyError`` for the first thing ``spec`` may not do (the server's own
@@ -88,6 +89,11 @@ class Policy(BaseModel):
 
     def _check_hidden_states(self, layers: list[int]) -> None:
         allowed = self.hidden_state_layers
+        if allowed is None and (not self.allow_readout or self.readable is not None or self.probes is not None):
+            # The stream holds every feature and probe: a policy that hides some hides it too.
+            raise PolicyError("return_hidden_states", "hidden states are not returned on this server: its policy "
+                              "restricts what may be read (list layers in policy.hidden_state_layers to allow them)",
+                              forbidden=True)
         for i, layer in enumerate(layers):
             if allowed is not None and layer not in allowed:
                 raise PolicyError(f"return_hidden_states.layers[{i}]", f"layer {layer}'s hidden states may not be "

@@ -104,9 +104,10 @@ class HiddenStatesSpec(_Strict):
     """The ``return_hidden_states`` object: the residual stream after decoder layer L (SAELens
     ``blocks.L.hook_resid_post``, transformers' ``hidden_states[L + 1]``), before any steering at L."""
 
-    layers: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
+    layers: list[Annotated[StrictInt, Field(ge=0, le=1023)]] = Field(
         min_length=1, max_length=MAX_HIDDEN_LAYERS, description="Decoder layers, 0-based.")
-    positions: Literal["last", "all"] | list[Annotated[int, Field(ge=0)]] = Field(
+    positions: Literal["last", "all"] | Annotated[list[Annotated[StrictInt, Field(ge=0, lt=2**31)]], Field(
+            min_length=1, max_length=MAX_HIDDEN_POSITIONS)] = Field(
         default="last", description="last: the prompt's last token; all: every token the model computes "
         "(the prompt, then each generated token but the final one); or these sequence positions.")
     dtype: StateDtype = Field(default="float32", description="The returned values' type (little-endian).")
@@ -121,8 +122,8 @@ class HiddenStatesSpec(_Strict):
     @field_validator("positions")
     @classmethod
     def _positions_once(cls, positions: str | list[int]) -> str | list[int]:
-        if isinstance(positions, list) and not 1 <= len(set(positions)) == len(positions) <= MAX_HIDDEN_POSITIONS:
-            raise ValueError(f"1 to {MAX_HIDDEN_POSITIONS} positions, each once")
+        if isinstance(positions, list) and len(set(positions)) != len(positions):
+            raise ValueError("each position once")
         return positions
 
 

@@ -124,10 +124,11 @@ class ActivationStore:
                     yield torch.from_numpy(np.asarray(data[rows], dtype=np.float32)).to(device) * scale
 
 
-def harvest(source: nn.Module | ContextActivations, contexts: np.ndarray, layer: int, folder: Path,
+def harvest(source: nn.Module | ContextActivations | None, contexts: np.ndarray, layer: int, folder: Path,
             batch_contexts: int = 8, shard_contexts: int = 256) -> ActivationStore:
     """Write activations of ``layer`` for ``contexts`` (position 0 skipped) to ``folder``; resumable.
-    ``source``: a transformers model, or a function that computes a batch's activations."""
+    ``source``: a transformers model, or a function that computes a batch's activations (None:
+    every shard must be there already)."""
     compute = (lambda ids: layer_activations(source, ids, layer)) if isinstance(source, nn.Module) else source
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(contexts) + shard_contexts - 1) // shard_contexts
@@ -142,6 +143,8 @@ def harvest(source: nn.Module | ContextActivations, contexts: np.ndarray, layer:
         path = folder / f"shard-{s:05d}.npy"
         if path.exists():
             continue
+        if compute is None:
+            raise SaeServeError(f"{path}: not harvested yet, and nothing was given to harvest it with")
         chunk = contexts[s * shard_contexts : (s + 1) * shard_contexts]
         parts = []
         for b in range(0, len(chunk), batch_contexts):

@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from sae_serve.errors import SaeServeError
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,14 @@ class Ranks:
         if world == 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            # The first process harvests while the others wait at a barrier: allow it hours, not minutes.
+            timeout = timedelta(hours=12)
+            if torch.cuda.is_available():
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(device)
+                dist.init_process_group("nccl", timeout=timeout, device_id=device)
+            else:
+                dist.init_process_group("gloo", timeout=timeout)
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
@@ -87,6 +97,16 @@ class Ranks:
         flat /= self.world
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))
+
+    def same(self, value: int, what: str) -> None:
+        """Raise unless every process has this ``value`` (e.g. the step each resumed from)."""
+        if self.world == 1:
+            return
+        t = torch.tensor([value, -value], device=self.device())
+        low, neg_high = self.min(t).tolist()
+        if low != -neg_high:
+            raise SaeServeError(f"the training processes disagree on {what} ({low} to {-neg_high}): is the output "
+                                "folder shared by all of them?")
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -79,11 +79,11 @@ def corpus_texts(corpus: str = "default", corpus_file: Path | None = None, split
     yield from (text for _, text in read_corpus(path, split))
 
 
-def harvested(job: HarvestJob, source: nn.Module | ContextActivations, tokenizer: object, model_name: str,
+def harvested(job: HarvestJob, source: nn.Module | ContextActivations | None, tokenizer: object, model_name: str,
               batch_contexts: int = 8) -> ActivationStore:
     """The job's activations, harvested from ``source`` (a transformers model or another engine's
-    ``ContextActivations``) into a cache folder named by model, layer and contexts: whichever
-    engine harvested them, training finds them there."""
+    ``ContextActivations``; None: they must be there already) into a cache folder named by model,
+    layer and contexts: whichever engine harvested them, training finds them there."""
     contexts = tokenize_contexts(corpus_texts(job.corpus, job.corpus_file), tokenizer, job.ctx_len, job.tokens)
     digest = hashlib.sha1(contexts.tobytes()).hexdigest()[:12]
     folder = envs.cache_dir() / "activations" / f"{model_name}-L{job.layer}-{digest}"
@@ -99,6 +99,7 @@ def train_with_checkpoints(job: TrainJob, store: ActivationStore, on_log: Callab
     if checkpoint.exists():
         trainer.load_checkpoint(checkpoint)
         logger.info("resumed from %s at step %d of %d", checkpoint, trainer.step, job.train.steps)
+    ranks.same(trainer.step, "the step to resume from")
     batches = store.batches(job.train.batch_size, job.train.seed + trainer.step, device)
     while trainer.step < job.train.steps:
         trainer.fit(batches, log_every=10, until=trainer.step + job.checkpoint_every, on_log=on_log)
@@ -126,11 +127,13 @@ def check_layer(layer: int, n_layers: int) -> None:
         raise SaeServeError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
 
 
-def run_training(job: TrainJob, model: nn.Module, tokenizer: object, model_name: str,
+def run_training(job: TrainJob, model: nn.Module | None, tokenizer: object, model_name: str,
                  on_log: Callable[[StepStats], None] = lambda s: None,
                  ranks: Ranks = ONE_PROCESS) -> SparseAutoencoder | None:
-    """The SAE (None on every process but the first, which writes it)."""
-    check_layer(job.harvest.layer, len(decoder_layers(model)))
+    """The SAE (None on every process but the first, which harvests with ``model`` and writes;
+    the others need no model: they read the shards it wrote)."""
+    if ranks.main:
+        check_layer(job.harvest.layer, len(decoder_layers(model)))
     job.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(job.train.seed)
     np.random.seed(job.train.seed)

@@ -165,7 +165,8 @@ class TrainingSae(nn.Module):
     def _batch_top(self, acts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices in row-major order, values) of the ``n`` largest of ``acts`` over every
         rank's batch. Across ranks: this rank's entries at or above the n-th largest of all, less
-        those at 0 (which change nothing: the single process keeps some, they decode to nothing)."""
+        those at 0 (which change nothing: the single process keeps some, they decode to nothing);
+        an exact tie at the threshold keeps every tied entry where one process keeps some."""
         if self.ranks.world == 1:
             top = acts.topk(n)
             flat, order = top.indices.sort()  # row-major, so each row's features form one bag
@@ -268,8 +269,10 @@ class Trainer:
         with torch.no_grad():
             # Over the global batch: mean loss, squared error, L0, and the variance from sums.
             rows = batch.shape[0]
-            sums = self.ranks.sum(torch.cat([torch.stack([loss.detach() * x.shape[0], sq_err.sum(),
-                                                          x.new_tensor(l0 * x.shape[0]), x.pow(2).sum()]), x.sum(0)]))
+            x64 = x.double()  # (E||x||^2 - ||E x||^2 cancels badly in float32 when the mean dominates)
+            sums = self.ranks.sum(torch.cat([torch.stack([loss.detach().double() * x.shape[0], sq_err.double().sum(),
+                                                          x64.new_tensor(l0 * x.shape[0]), x64.pow(2).sum()]),
+                                             x64.sum(0)]))
             total_var = sums[3] / rows - (sums[4:] / rows).pow(2).sum()
             return StepStats(self.step, float(sums[0] / rows), float(sums[1] / rows / total_var), float(sums[2] / rows),
                              float((self.tokens_since_fired >= self.cfg.dead_after_tokens).float().mean()))

@@ -137,3 +137,46 @@ def test_a_request_reading_states_computes_its_prompt() -> None:
     spec = RequestSpec.model_validate({"return_hidden_states": {"layers": [1]}})
     salts = {cache_salt(SECRET, spec, spec.model_dump_json(), None) for _ in range(2)}
     assert len(salts) == 2 and None not in salts  # unique: never served from another request's cached KV
+
+
+def test_positions_past_the_context_are_refused() -> None:
+    with pytest.raises(SpecError) as err:
+        check(capabilities(), {"layers": [1], "positions": [5, 1000]})  # max_model_len 1000
+    assert err.value.field == "return_hidden_states.positions" and "1000" in str(err.value)
+    with pytest.raises(ValueError):  # a bool is not a layer
+        RequestSpec.model_validate({"return_hidden_states": {"layers": [True]}})
+
+
+def test_a_stream_never_gets_a_position_twice_after_a_preemption(tmp_path) -> None:
+    """The service drops states of positions it already sent (a preempted request computes them
+    again). The workers stand in as their replies: preempting a real vLLM request on purpose is
+    not something a test can schedule."""
+    import asyncio
+
+    from sae_serve.config import SaeServeConfig
+    from sae_serve.engines.protocol import HiddenStates, WorkerReply
+    from sae_serve.sae.formats import save_sae
+    from sae_serve.sae.registry import SaeEntry
+    from sae_serve.server.service import SteeringService
+
+    save_sae(make_sae("relu", D_IN, 32, seed=4, hook_layer=2), tmp_path / "s")
+    service = SteeringService(SaeServeConfig(saes=(SaeEntry(name="s", path=str(tmp_path / "s")),)))
+    asked = {"return_hidden_states": {"layers": [2], "positions": "all"}}
+    prepared = service.prepare(RequestSpec.model_validate(asked))
+
+    def states(positions: list[int]) -> HiddenStates:
+        rows = torch.tensor([[float(p)] * D_IN for p in positions])
+        return HiddenStates(2, positions, "float32", list(rows.shape), rows.numpy().tobytes())
+
+    replies = [WorkerReply(hidden_states=[states([0, 1, 2])]),  # streamed
+               WorkerReply(hidden_states=[states([0, 1, 2, 3])])]  # preempted: 0-2 computed again
+
+    class Workers:
+        async def collective_rpc(self, method: str, args: tuple) -> list[dict]:
+            return [{args[0][0]: replies.pop(0).to_wire()}]
+
+    first, second = (asyncio.run(service.collect(Workers(), prepared)) for _ in range(2))
+    assert first.hidden_states[0].positions == [0, 1, 2]
+    [again] = second.hidden_states
+    assert again.positions == [3] and again.shape == [1, D_IN]
+    assert torch.equal(again.tensor(), torch.full((1, D_IN), 3.0))

@@ -103,3 +103,7 @@ def test_grpc_returns_the_same_bytes_as_http(grpc_stub, client) -> None:
             layers=[3])), timeout=60))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "return_hidden_states.layers[0]" in (
         info.value.details())
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=2, return_hidden_states=pb.HiddenStatesRequest(
+            layers=[14], positions="all", position_list=[1])), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "position_list" in info.value.details()

@@ -230,3 +230,13 @@ def test_hidden_states_only_at_the_layers_the_policy_lets_clients_read(config_fo
     assert (err.field, err.forbidden) == ("return_hidden_states.layers[1]", True)
     err = refused(config_for(Policy(hidden_state_layers=())), spec)
     assert err.field == "return_hidden_states.layers[0]"
+
+
+def test_a_policy_that_restricts_reads_returns_no_hidden_states_unless_it_names_the_layers(config_for) -> None:
+    spec = RequestSpec.model_validate({"return_hidden_states": {"layers": [1]}})
+    for policy in (Policy(allow_readout=False), Policy(readable={"l1": FeatureSelector(tags=("safety",))}),
+                   Policy(probes=())):
+        err = refused(config_for(policy), spec)  # the stream would show every feature the policy hides
+        assert (err.field, err.forbidden) == ("return_hidden_states", True)
+    allowed = Policy(readable={"l1": FeatureSelector(tags=("safety",))}, hidden_state_layers=(1,))
+    assert config_for(allowed).prepare(spec).reads_states
