@@ -6,6 +6,10 @@ which is the paper's "clamp the feature, keep the error term": decoding the edit
 and adding back the reconstruction error x - x_hat reduces to adding the change along the edited
 features' decoder directions. Only the features in S are encoded unless the SAE is TopK or the
 request reads its top-k features (DESIGN.md, "cost model"). Rows outside the plan are untouched.
+Requests that only read never change the stream, so their readouts are computed together and
+copied to the host at once (``read_together``), without a request's values depending on who reads
+beside it: top-k readouts share one full encode in blocks of a fixed number of rows (a matmul's
+rounding depends on how many rows it has, not on which of them a row is).
 """
 
 from __future__ import annotations
@@ -82,6 +86,75 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
     return delta, first, readout
 
 
+def _rows(hidden: torch.Tensor, residual: torch.Tensor | None, segs: list[Segment]) -> torch.Tensor:
+    """The unedited stream (hidden + residual) at the rows of ``segs``, in their order."""
+    index = torch.from_numpy(np.concatenate([np.arange(s.rows.start, s.rows.end) for s in segs]))
+    index = index.to(hidden.device)
+    return hidden[index] if residual is None else hidden[index] + residual[index]
+
+
+def only_reads(plan: RequestPlan) -> bool:
+    return plan.reads and not plan.steers and not any(g.steers for g in plan.guards)
+
+
+READ_BLOCK = 32
+"""Rows per encode when readers share one: every block has this many rows (the last padded)."""
+
+
+def _blocks(x: torch.Tensor) -> list[torch.Tensor]:
+    pad = -len(x) % READ_BLOCK
+    return list((torch.cat([x, x.new_zeros((pad, x.shape[1]))]) if pad else x).split(READ_BLOCK))
+
+
+def read_together(hidden: torch.Tensor, residual: torch.Tensor | None, sae: SparseAutoencoder,
+                  segs: list[Segment]) -> dict[int, FeatureActivations]:
+    """The readouts of requests that only read (``only_reads``), by request, copied to the host at
+    once: top-k readouts from one full encode of all their rows, READ_BLOCK rows at a time (a row's
+    rounding depends on how many rows are encoded, so always as many; this also bounds the encode's
+    memory), listed features each from its own encode (a column's depends on how many columns)."""
+    out: dict[int, FeatureActivations] = {}
+    ranked = [seg for seg in segs if seg.plan.top_k is not None]
+    listed = [seg for seg in segs if seg.plan.top_k is None]
+    if ranked:  # one encode, block by block; each row's top-k at its request's k
+        x = _rows(hidden, residual, ranked)
+        ks = sorted({min(seg.plan.top_k, sae.d_sae) for seg in ranked})
+        tops: dict[int, list[torch.return_types.topk]] = {k: [] for k in ks}
+        for block in _blocks(x):
+            full = sae.encode(block)
+            for k in ks:
+                tops[k].append(torch.topk(full, k=k, dim=1))
+        values = {k: torch.cat([t.values for t in got]).float() for k, got in tops.items()}
+        indices = {k: torch.cat([t.indices for t in got]) for k, got in tops.items()}
+        picked, start = [], 0
+        for seg in ranked:
+            k, end = min(seg.plan.top_k, sae.d_sae), start + seg.rows.end - seg.rows.start
+            picked.append((values[k][start:end], indices[k][start:end]))
+            start = end
+        host = zip(_to_host([v for v, _ in picked]), _to_host([i for _, i in picked]), strict=True)
+        for seg, (v, i) in zip(ranked, host, strict=True):
+            out[seg.request] = FeatureActivations(seg.rows.positions(), i, v)
+    if listed:  # each encodes its own features (a column's rounding depends on how many are encoded)
+        acts = []
+        for seg in listed:
+            x = _rows(hidden, residual, [seg])
+            if seg.plan.full_encode:
+                acts.append(_encode_all(x, sae, seg.plan)[0].float())
+            else:
+                subset = seg.plan.subset if seg.plan.subset is not None else seg.plan.features
+                acts.append(sae.encode_subset(x, subset).float())
+        for seg, values in zip(listed, _to_host(acts), strict=True):
+            out[seg.request] = FeatureActivations(seg.rows.positions(),
+                                                  torch.from_numpy(seg.plan.host.features).expand(len(values), -1),
+                                                  values)
+    return out
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors of one dtype copied to the host in one transfer."""
+    flat = torch.cat([t.flatten() for t in tensors]).cpu()
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
 def observe_triggers(hidden: torch.Tensor, residual: torch.Tensor | None, sae: SparseAutoencoder,
                      plan: SaePlan) -> None:
     """Read every trigger of this site in the step, on the unedited stream (hidden + residual), and
@@ -90,9 +163,7 @@ def observe_triggers(hidden: torch.Tensor, residual: torch.Tensor | None, sae: S
     segs = [seg for seg in plan if any(g.reads for g in seg.plan.guards)]
     if not segs:
         return
-    index = torch.from_numpy(np.concatenate([np.arange(s.rows.start, s.rows.end) for s in segs]))
-    index = index.to(hidden.device)
-    x = hidden[index] if residual is None else hidden[index] + residual[index]
+    x = _rows(hidden, residual, segs)
     guards = [g for seg in segs for g in seg.plan.guards if g.reads]
     features = sorted({g.state.rule.feature for g in guards if g.probe is None})
     probes = {g.probe.name: g.probe for g in guards if g.probe is not None}
@@ -147,8 +218,11 @@ def read_features(seg: Segment, acts: torch.Tensor) -> FeatureActivations:
 def apply_plan(x: torch.Tensor, sae: SparseAutoencoder, plan: SaePlan) -> HookResult:
     """Edit and read ``x`` (tokens, d_in) as ``plan`` says; an empty plan does no work."""
     observe_triggers(x, None, sae, plan)
-    readouts, out = {}, x
+    together = [seg for seg in plan if only_reads(seg.plan)]
+    readouts, out = read_together(x, None, sae, together) if together else {}, x
     for seg in plan:
+        if only_reads(seg.plan):
+            continue
         delta, first, readout = _run_segment(x[seg.rows.start : seg.rows.end], sae, seg)
         if delta is not None:
             out = x.clone() if out is x else out
@@ -164,8 +238,11 @@ def apply_plan_split_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseA
     """The same for a stream kept in two parts, x = hidden + residual (vLLM defers the residual
     add into the next layer's fused add-norm). Edits ``hidden`` in place; returns the readouts."""
     observe_triggers(hidden, residual, sae, plan)
-    readouts = {}
+    together = [seg for seg in plan if only_reads(seg.plan)]
+    readouts = read_together(hidden, residual, sae, together) if together else {}
     for seg in plan:
+        if only_reads(seg.plan):
+            continue
         start, end = seg.rows.start, seg.rows.end
         delta, first, readout = _run_segment(hidden[start:end] + residual[start:end], sae, seg)
         if delta is not None:

@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from sae_serve.config import HiddenStatesConfig, OpConfig, SaeServeConfig, write_config
+from sae_serve.config import HiddenStatesConfig, LimitsConfig, OpConfig, SaeServeConfig, write_config
 from sae_serve.data import DEFAULT_SAE_DIR
 from sae_serve.engines.hf import HFEngine
 from sae_serve.errors import SpecError
@@ -38,7 +38,8 @@ def config(tmp_path_factory) -> SaeServeConfig:
     return SaeServeConfig(saes=(SaeEntry(name="layer15", path=str(DEFAULT_SAE_DIR)),),
                           vectors=(VectorEntry(name="v", sae="layer15", path=str(folder / "v.safetensors")),),
                           probes=(ProbeEntry(name="french", layer=15, path=str(folder / "french.safetensors")),),
-                          hidden_states=HiddenStatesConfig(layers=(3, 14, 16)))
+                          hidden_states=HiddenStatesConfig(layers=(3, 14, 16)),
+                          limits=LimitsConfig(max_hidden_state_bytes=16 * 2**20))
 
 
 @pytest.fixture(scope="module", params=["eager", "compiled", "compiled-fixed"])

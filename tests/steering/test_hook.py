@@ -218,3 +218,26 @@ def test_scope_is_a_contiguous_row_range() -> None:
     assert rows.scope("generated") == (2, 6)
     decode = RequestRows(start=3, end=4, first_position=15, prompt_len=10)
     assert (decode.scope("prompt"), decode.scope("generated")) == ((0, 0), (0, 1))
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_readers_read_together_what_each_reads_alone(arch: str) -> None:
+    """Requests that only read share one encode and one copy to the host; each gets what it gets
+    in a step of its own (and the float64 encode's values), whatever reads beside it."""
+    reg = registry(arch)
+    sae = reg.saes["s"].sae
+    x = torch.randn(12, D_IN, generator=torch.Generator().manual_seed(3)) * 2
+    reqs = [request(reg, readout={"top_k": 3}), request(reg, readout={"features": [5, 1, 9]}),
+            request(reg, [{"feature": 2, "mode": "clamp", "value": 4.0}], readout={"features": [2, 7]}),
+            request(reg, readout={"top_k": 6}), request(reg, readout={"features": [9, 40]})]
+    layout = [RequestRows(0, 3, 0, 3), RequestRows(3, 5, 0, 2), RequestRows(5, 8, 4, 5), RequestRows(8, 9, 7, 2),
+              RequestRows(9, 12, 0, 3)]
+    together = apply_plan(x, sae, plan_for(reg, reqs, layout)).readouts
+    full = sae.encode(x)
+    for i, rows in enumerate(layout):
+        alone = apply_plan(x, sae, plan_for(reg, [r if j == i else None for j, r in enumerate(reqs)], layout))
+        [(_, mine)] = alone.readouts.items()
+        for got, want in zip(together[i], mine, strict=True):
+            assert torch.equal(got, want), (i, got, want)
+        picked = full[rows.start:rows.end].gather(1, mine.indices)
+        torch.testing.assert_close(mine.values, picked, rtol=1e-5, atol=1e-5)
