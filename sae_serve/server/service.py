@@ -4,6 +4,7 @@ Written once, so HTTP and gRPC enforce the same rules and build the same answers
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from sae_serve.engines.protocol import (
     HiddenStates,
     Readout,
     WorkerCapabilities,
+    WorkerReply,
     admit,
     deployment_secret,
     merge_replies,
@@ -89,6 +91,8 @@ class SteeringService:
         self.capabilities = capabilities
         """What the workers can run; learned from them at startup (``learn_capabilities``)."""
         self.server_guardrails = list(config.guardrails)
+        self._pops: dict[str, asyncio.Future[WorkerReply]] = {}  # keys waiting for the next fetch
+        self._fetches: set[asyncio.Future[None]] = set()  # fetches in flight (a task must be referenced)
         try:  # a bad rule in the config fails the server's start, naming it
             resolve(RequestSpec(server_guardrails=self.server_guardrails), self.registry)
         except SpecError as exc:
@@ -191,7 +195,7 @@ class SteeringService:
         """The request's readout so far (removed from the workers) as a JSON-ready object, and the
         guardrails fired so far (counted once each). Raises WorkerError (counted) when a worker failed it."""
         key = prepared.engine.key
-        reply = merge_replies(await engine_client.collective_rpc(POP_READOUTS, args=([key],)), [key])[key]
+        reply = await self._pop(engine_client, key)
         if reply.error is not None:
             self.metrics.refused.labels("worker_error").inc()
             raise WorkerError(f"the engine could not serve this request as admitted: {reply.error}")
@@ -219,7 +223,32 @@ class SteeringService:
 
     async def discard(self, engine_client: Any, prepared: PreparedRequest) -> None:
         """Drop what the workers hold for a request that ended without its answer (aborted)."""
-        await engine_client.collective_rpc(POP_READOUTS, args=([prepared.engine.key],))
+        await self._pop(engine_client, prepared.engine.key)
+
+    async def _pop(self, engine_client: Any, key: str) -> WorkerReply:
+        """``key``'s worker reply. Every key asked for while a fetch is being scheduled rides the same
+        ``collective_rpc``: the streams of one engine step ask together, and each call runs
+        between the engine's steps, so one call per step instead of one per stream."""
+        if not self._pops:  # (the task starts on the loop's next turn: the keys asked until then join)
+            fetch = asyncio.ensure_future(self._fetch(engine_client))
+            self._fetches.add(fetch)
+            fetch.add_done_callback(self._fetches.discard)
+        future = self._pops.setdefault(key, asyncio.get_running_loop().create_future())
+        return await asyncio.shield(future)  # a caller that is cancelled leaves the others their reply
+
+    async def _fetch(self, engine_client: Any) -> None:
+        pops, self._pops = self._pops, {}
+        keys = list(pops)
+        try:
+            replies = merge_replies(await engine_client.collective_rpc(POP_READOUTS, args=(keys,)), keys)
+        except BaseException as exc:  # every waiter sees the failure (and the server keeps serving)
+            for future in pops.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for key, future in pops.items():
+            if not future.done():
+                future.set_result(replies[key])
 
     def _tokens(self, sae: str, raw: Readout) -> dict[str, Any]:
         catalog = self.registry.saes[sae].catalog
