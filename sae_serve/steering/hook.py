@@ -99,6 +99,8 @@ def only_reads(plan: RequestPlan) -> bool:
 
 READ_BLOCK = 32
 """Rows per encode when readers share one: every block has this many rows (the last padded)."""
+COLUMN_BLOCK = 64
+"""Features per encode of listed features, likewise."""
 
 
 def _blocks(x: torch.Tensor) -> list[torch.Tensor]:
@@ -109,9 +111,10 @@ def _blocks(x: torch.Tensor) -> list[torch.Tensor]:
 def read_together(hidden: torch.Tensor, residual: torch.Tensor | None, sae: SparseAutoencoder,
                   segs: list[Segment]) -> dict[int, FeatureActivations]:
     """The readouts of requests that only read (``only_reads``), by request, copied to the host at
-    once: top-k readouts from one full encode of all their rows, READ_BLOCK rows at a time (a row's
-    rounding depends on how many rows are encoded, so always as many; this also bounds the encode's
-    memory), listed features each from its own encode (a column's depends on how many columns)."""
+    once: top-k readouts from one full encode of all their rows, listed features from one encode of
+    their union (or each alone when the union is much wider than what they read). Both run in
+    fixed-shape blocks (``_encode_listed``): a matmul's rounding depends on its shape, so a request
+    reads the same values whoever reads beside it; the blocks also bound a full encode's memory."""
     out: dict[int, FeatureActivations] = {}
     ranked = [seg for seg in segs if seg.plan.top_k is not None]
     listed = [seg for seg in segs if seg.plan.top_k is None]
@@ -133,20 +136,40 @@ def read_together(hidden: torch.Tensor, residual: torch.Tensor | None, sae: Spar
         host = zip(_to_host([v for v, _ in picked]), _to_host([i for _, i in picked]), strict=True)
         for seg, (v, i) in zip(ranked, host, strict=True):
             out[seg.request] = FeatureActivations(seg.rows.positions(), i, v)
-    if listed:  # each encodes its own features (a column's rounding depends on how many are encoded)
-        acts = []
-        for seg in listed:
-            x = _rows(hidden, residual, [seg])
-            if seg.plan.full_encode:
-                acts.append(_encode_all(x, sae, seg.plan)[0].float())
-            else:
-                subset = seg.plan.subset if seg.plan.subset is not None else seg.plan.features
-                acts.append(sae.encode_subset(x, subset).float())
-        for seg, values in zip(listed, _to_host(acts), strict=True):
+    if listed:
+        union = sorted({int(f) for seg in listed for f in seg.plan.host.features})
+        alone = sum((seg.rows.end - seg.rows.start) * len(seg.plan.host.features) for seg in listed)
+        if sum(seg.rows.end - seg.rows.start for seg in listed) * len(union) <= 4 * alone:
+            groups = [(listed, union)]  # one encode of their union
+        else:  # their union is much wider than what they read: each its own
+            groups = [([seg], sorted(int(f) for f in seg.plan.host.features)) for seg in listed]
+        acts, picks = [], []
+        for segs, features in groups:
+            x, column = _rows(hidden, residual, segs), {f: j for j, f in enumerate(features)}
+            encoded, start = _encode_listed(x, sae, features), 0
+            for seg in segs:
+                end = start + seg.rows.end - seg.rows.start
+                acts.append(encoded[start:end, [column[int(f)] for f in seg.plan.host.features]].float())
+                picks.append(seg)
+                start = end
+        for seg, values in zip(picks, _to_host(acts), strict=True):
             out[seg.request] = FeatureActivations(seg.rows.positions(),
                                                   torch.from_numpy(seg.plan.host.features).expand(len(values), -1),
                                                   values)
     return out
+
+
+def _encode_listed(x: torch.Tensor, sae: SparseAutoencoder, features: list[int]) -> torch.Tensor:
+    """(rows, len(features)) activations in READ_BLOCK x COLUMN_BLOCK blocks: an entry's rounding
+    depends on the block's shape alone, not on which row or column of it, or what else is read."""
+    if sae.cfg.architecture == "topk":  # every feature, always: the full encode's shape is fixed
+        chosen = torch.tensor(features, device=x.device)
+        return torch.cat([sae.encode(block)[:, chosen] for block in _blocks(x)])[: len(x)]
+    padded = features + features[:1] * (-len(features) % COLUMN_BLOCK)
+    parts = [sae.subset(torch.tensor(padded[c:c + COLUMN_BLOCK], device=x.device))
+             for c in range(0, len(padded), COLUMN_BLOCK)]
+    blocks = [torch.cat([sae.encode_subset(block, part) for part in parts], dim=1) for block in _blocks(x)]
+    return torch.cat(blocks)[: len(x), : len(features)]
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -220,24 +220,32 @@ def test_scope_is_a_contiguous_row_range() -> None:
     assert (decode.scope("prompt"), decode.scope("generated")) == ((0, 0), (0, 1))
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
-def test_readers_read_together_what_each_reads_alone(arch: str) -> None:
-    """Requests that only read share one encode and one copy to the host; each gets what it gets
-    in a step of its own (and the float64 encode's values), whatever reads beside it."""
-    reg = registry(arch)
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+def test_readers_read_together_exactly_what_each_reads_alone(arch: str) -> None:
+    """Requests that only read share one encode and one copy to the host; each gets, bit for bit,
+    what it gets in a step of its own (a matmul's rounding depends on its shape: at this width a
+    shared encode of the union would differ in the last bits), and the encode's values."""
+    d_in, d_sae = 256, 1024
+    reg = registry_of({"s": make_sae(arch, d_in, d_sae, seed=4)})
     sae = reg.saes["s"].sae
-    x = torch.randn(12, D_IN, generator=torch.Generator().manual_seed(3)) * 2
-    reqs = [request(reg, readout={"top_k": 3}), request(reg, readout={"features": [5, 1, 9]}),
-            request(reg, [{"feature": 2, "mode": "clamp", "value": 4.0}], readout={"features": [2, 7]}),
-            request(reg, readout={"top_k": 6}), request(reg, readout={"features": [9, 40]})]
-    layout = [RequestRows(0, 3, 0, 3), RequestRows(3, 5, 0, 2), RequestRows(5, 8, 4, 5), RequestRows(8, 9, 7, 2),
-              RequestRows(9, 12, 0, 3)]
-    together = apply_plan(x, sae, plan_for(reg, reqs, layout)).readouts
+    rng = torch.Generator().manual_seed(3)
+    wide = torch.randperm(d_sae, generator=rng)[:200].tolist()  # makes the union too wide to share
+    reads = [{"top_k": 3}, {"features": [5, 1, 9]}, {"top_k": 6}, {"features": [9, 40, 700]},
+             {"features": list(range(100, 170))}, {"features": wide}]
+    reqs = [request(reg, readout=r) for r in reads] + [
+        request(reg, [{"feature": 2, "mode": "clamp", "value": 4.0}], readout={"features": [2, 7]})]
+    sizes = [3, 1, 4, 2, 5, 1, 2]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    layout = [RequestRows(a, a + n, 7, 3) for a, n in zip(starts, sizes, strict=True)]
+    x = torch.randn(sum(sizes), d_in, generator=rng) * 2
     full = sae.encode(x)
-    for i, rows in enumerate(layout):
-        alone = apply_plan(x, sae, plan_for(reg, [r if j == i else None for j, r in enumerate(reqs)], layout))
-        [(_, mine)] = alone.readouts.items()
-        for got, want in zip(together[i], mine, strict=True):
-            assert torch.equal(got, want), (i, got, want)
-        picked = full[rows.start:rows.end].gather(1, mine.indices)
-        torch.testing.assert_close(mine.values, picked, rtol=1e-5, atol=1e-5)
+    for together in (reqs, reqs[:5], reqs[1:2] + reqs[3:5]):  # with and without the wide reader
+        got = apply_plan(x, sae, plan_for(reg, [r if r in together else None for r in reqs], layout)).readouts
+        for i in (i for i, r in enumerate(reqs) if r in together):
+            alone = apply_plan(x, sae, plan_for(reg, [r if j == i else None for j, r in enumerate(reqs)], layout))
+            [(_, mine)] = alone.readouts.items()
+            for a, b in zip(got[i], mine, strict=True):
+                assert torch.equal(a, b), (i, reads[i] if i < len(reads) else "steers")
+            rows = layout[i]
+            torch.testing.assert_close(mine.values, full[rows.start:rows.end].gather(1, mine.indices),
+                                       rtol=1e-5, atol=1e-5)
