@@ -115,48 +115,54 @@ def read_together(hidden: torch.Tensor, residual: torch.Tensor | None, sae: Spar
     their union (or each alone when the union is much wider than what they read). Both run in
     fixed-shape blocks (``_encode_listed``): a matmul's rounding depends on its shape, so a request
     reads the same values whoever reads beside it; the blocks also bound a full encode's memory."""
-    out: dict[int, FeatureActivations] = {}
     ranked = [seg for seg in segs if seg.plan.top_k is not None]
     listed = [seg for seg in segs if seg.plan.top_k is None]
-    if ranked:  # one encode, block by block; each row's top-k at its request's k
-        x = _rows(hidden, residual, ranked)
-        ks = sorted({min(seg.plan.top_k, sae.d_sae) for seg in ranked})
-        tops: dict[int, list[torch.return_types.topk]] = {k: [] for k in ks}
-        for block in _blocks(x):
-            full = sae.encode(block)
-            for k in ks:
-                tops[k].append(torch.topk(full, k=k, dim=1))
-        values = {k: torch.cat([t.values for t in got]).float() for k, got in tops.items()}
-        indices = {k: torch.cat([t.indices for t in got]) for k, got in tops.items()}
-        picked, start = [], 0
-        for seg in ranked:
-            k, end = min(seg.plan.top_k, sae.d_sae), start + seg.rows.end - seg.rows.start
-            picked.append((values[k][start:end], indices[k][start:end]))
+    return {**(_read_ranked(hidden, residual, sae, ranked) if ranked else {}),
+            **(_read_listed(hidden, residual, sae, listed) if listed else {})}
+
+
+def _read_ranked(hidden: torch.Tensor, residual: torch.Tensor | None, sae: SparseAutoencoder,
+                 segs: list[Segment]) -> dict[int, FeatureActivations]:
+    """Top-k readouts: one full encode, block by block; each row's top k at its request's k."""
+    ks = sorted({min(seg.plan.top_k, sae.d_sae) for seg in segs})
+    tops: dict[int, list[torch.return_types.topk]] = {k: [] for k in ks}
+    for block in _blocks(_rows(hidden, residual, segs)):
+        full = sae.encode(block)
+        for k in ks:
+            tops[k].append(torch.topk(full, k=k, dim=1))
+    values = {k: torch.cat([t.values for t in got]).float() for k, got in tops.items()}
+    indices = {k: torch.cat([t.indices for t in got]) for k, got in tops.items()}
+    picked, start = [], 0
+    for seg in segs:
+        k, end = min(seg.plan.top_k, sae.d_sae), start + seg.rows.end - seg.rows.start
+        picked.append((values[k][start:end], indices[k][start:end]))
+        start = end
+    host = zip(_to_host([v for v, _ in picked]), _to_host([i for _, i in picked]), strict=True)
+    return {seg.request: FeatureActivations(seg.rows.positions(), i, v) for seg, (v, i) in zip(segs, host, strict=True)}
+
+
+def _read_listed(hidden: torch.Tensor, residual: torch.Tensor | None, sae: SparseAutoencoder,
+                 segs: list[Segment]) -> dict[int, FeatureActivations]:
+    """Listed features: one encode of their union, or each alone when the union is much wider
+    than what they read together."""
+    union = sorted({int(f) for seg in segs for f in seg.plan.host.features})
+    alone = sum((seg.rows.end - seg.rows.start) * len(seg.plan.host.features) for seg in segs)
+    if sum(seg.rows.end - seg.rows.start for seg in segs) * len(union) <= 4 * alone:
+        groups = [(segs, union)]
+    else:
+        groups = [([seg], sorted(int(f) for f in seg.plan.host.features)) for seg in segs]
+    acts, order = [], []
+    for group, features in groups:
+        column = {f: j for j, f in enumerate(features)}
+        encoded, start = _encode_listed(_rows(hidden, residual, group), sae, features), 0
+        for seg in group:
+            end = start + seg.rows.end - seg.rows.start
+            acts.append(encoded[start:end, [column[int(f)] for f in seg.plan.host.features]].float())
+            order.append(seg)
             start = end
-        host = zip(_to_host([v for v, _ in picked]), _to_host([i for _, i in picked]), strict=True)
-        for seg, (v, i) in zip(ranked, host, strict=True):
-            out[seg.request] = FeatureActivations(seg.rows.positions(), i, v)
-    if listed:
-        union = sorted({int(f) for seg in listed for f in seg.plan.host.features})
-        alone = sum((seg.rows.end - seg.rows.start) * len(seg.plan.host.features) for seg in listed)
-        if sum(seg.rows.end - seg.rows.start for seg in listed) * len(union) <= 4 * alone:
-            groups = [(listed, union)]  # one encode of their union
-        else:  # their union is much wider than what they read: each its own
-            groups = [([seg], sorted(int(f) for f in seg.plan.host.features)) for seg in listed]
-        acts, picks = [], []
-        for segs, features in groups:
-            x, column = _rows(hidden, residual, segs), {f: j for j, f in enumerate(features)}
-            encoded, start = _encode_listed(x, sae, features), 0
-            for seg in segs:
-                end = start + seg.rows.end - seg.rows.start
-                acts.append(encoded[start:end, [column[int(f)] for f in seg.plan.host.features]].float())
-                picks.append(seg)
-                start = end
-        for seg, values in zip(picks, _to_host(acts), strict=True):
-            out[seg.request] = FeatureActivations(seg.rows.positions(),
-                                                  torch.from_numpy(seg.plan.host.features).expand(len(values), -1),
-                                                  values)
-    return out
+    return {seg.request: FeatureActivations(seg.rows.positions(),
+                                            torch.from_numpy(seg.plan.host.features).expand(len(values), -1), values)
+            for seg, values in zip(order, _to_host(acts), strict=True)}
 
 
 def _encode_listed(x: torch.Tensor, sae: SparseAutoencoder, features: list[int]) -> torch.Tensor:
