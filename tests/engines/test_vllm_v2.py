@@ -80,7 +80,7 @@ def test_prepare_inputs_plans_the_step_and_the_graph_op_steers_only_its_rows() -
     state.add_request(0, _new("a", CLAMP, prompt=4))
     state.add_request(1, _new("b", None, prompt=3))
     assert state.prepare_inputs(_batch(["a", "b"], [0, 4, 7], [0, 0]), None) == {"positions": "vllm's"}
-    [plan] = runtime.resolved["a"][1].values()  # graph mode: no per-request encoder or decoder slices
+    [plan] = runtime.resolved["a"].plans.values()  # graph mode: no per-request encoder or decoder slices
     assert plan.subset is None and plan.w_dec.numel() == 0
     assert inner.calls == ["add a", "add b", "prepare"] and state.supports_mm_inputs is False
     state._mamba_ctx = None  # vLLM resets attributes on its state: they must reach it
