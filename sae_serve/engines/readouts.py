@@ -31,6 +31,7 @@ class _Entry:
     finished_at: float | None = None
     guards: list[GuardState] = field(default_factory=list)  # read when popped; kept while the request lives
     states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # layer -> (pos, rows)
+    state_bytes: int = 0  # of ``states``, all layers together
 
 
 class ReadoutStore:
@@ -81,15 +82,17 @@ class ReadoutStore:
         if chunks and chunks[-1][0][-1] >= positions[0]:  # recomputed after a preemption: the new rows count
             first = int(positions[0])
             kept = [(p[p < first], r[p < first]) for p, r in chunks]
-            entry.nbytes -= sum(r.nbytes for _, r in chunks) - sum(r.nbytes for _, r in kept)
+            dropped = sum(r.nbytes for _, r in chunks) - sum(r.nbytes for _, r in kept)
+            entry.nbytes -= dropped
+            entry.state_bytes -= dropped
             chunks[:] = [(p, r) for p, r in kept if p.numel()]
-        held = sum(r.nbytes for c in entry.states.values() for _, r in c)
-        if held + rows.nbytes > self.max_state_bytes:
+        if entry.state_bytes + rows.nbytes > self.max_state_bytes:
             self.fail(key, f"the hidden states exceed this server's limit of {self.max_state_bytes} bytes per "
                            "request (config limits.max_hidden_state_bytes)")
             return
         chunks.append((positions, rows))
         entry.nbytes += rows.nbytes
+        entry.state_bytes += rows.nbytes
 
     @staticmethod
     def _truncate(entry: _Entry, sae: str, position: int) -> None:
@@ -104,7 +107,7 @@ class ReadoutStore:
     def fail(self, key: str, error: str) -> None:
         """The request cannot be served as admitted: its readouts go, the error stays to be fetched."""
         entry = self._entries.setdefault(key, _Entry())
-        entry.chunks, entry.states, entry.values, entry.nbytes = {}, {}, 0, 0
+        entry.chunks, entry.states, entry.values, entry.nbytes, entry.state_bytes = {}, {}, 0, 0, 0
         entry.error = entry.error or error
 
     def resume(self, key: str) -> None:
@@ -157,5 +160,6 @@ def _readout(chunks: list[FeatureActivations]) -> Readout:
 
 def _states(layer: int, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> HiddenStates:
     rows = torch.cat([r for _, r in chunks])
+    values = rows.numpy()
     return HiddenStates(layer, torch.cat([p for p, _ in chunks]).tolist(), str(rows.dtype).removeprefix("torch."),
-                        list(rows.shape), rows.numpy().astype(rows.numpy().dtype.newbyteorder("<")).tobytes())
+                        list(rows.shape), values.astype(values.dtype.newbyteorder("<")).tobytes())

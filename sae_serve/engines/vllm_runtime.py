@@ -118,8 +118,8 @@ class SteeringRuntime:
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
                      if self.local is None or name in self.local}
-        device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
-        self.guard_table = GuardTable(device)  # every live request's rules
+        self.device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
+        self.guard_table = GuardTable(self.device)  # every live request's rules
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
@@ -210,7 +210,7 @@ class SteeringRuntime:
         reading = self.reports and any(r.hidden for r in requests)  # (one rank of a stage answers)
         captures = self._captures(requests, batch.layout()) if reading else {}
         if batch.req_ids and (self.monitoring or any(plans) or captures):
-            layout = batch.layout()
+            layout = batch.layout()  # (built only for a step that does work: the idle path stays bare)
             self.step = _Step(plans, layout, keys, batch.query_start_loc[-1], {}, captures)
             for name in self.saes:
                 self.step.segments[name] = self._split(name, build_plan([p.get(name) for p in plans], layout), keys)
@@ -220,7 +220,6 @@ class SteeringRuntime:
 
     def _captures(self, live: list[_Live], layout: list[RequestRows]) -> dict[int, _Capture]:
         """Per layer, the step's rows whose hidden states a request reads, grouped by request."""
-        device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
         wanted: dict[int, tuple[list[int], list[tuple[str, torch.Tensor, torch.dtype]]]] = {}
         for request, rows in zip(live, layout, strict=True):
             hidden = request.hidden
@@ -235,7 +234,8 @@ class SteeringRuntime:
                     all_rows, parts = wanted.setdefault(layer, ([], []))
                     all_rows += [rows.start + p - rows.first_position for p in picked]
                     parts.append((request.key, positions, getattr(torch, hidden.dtype)))
-        return {layer: _Capture(torch.tensor(rows, device=device), parts) for layer, (rows, parts) in wanted.items()}
+        return {layer: _Capture(torch.tensor(rows, device=self.device), parts)
+                for layer, (rows, parts) in wanted.items()}
 
     def _forget(self, gone: set[str]) -> None:
         """Requests that left the runner (finished or aborted): their readouts start to expire."""
