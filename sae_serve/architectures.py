@@ -49,6 +49,16 @@ class DecoderStack:
     layers: nn.ModuleList
     owned: frozenset[int]
     """All of them, or a pipeline stage's (the rest are vLLM's placeholders, PPMissingLayer)."""
+    owner: nn.Module | None = None
+    """The module whose ``layers`` they are (vLLM's runs ``layers[start_layer:end_layer]``)."""
+
+    def stop_after(self, index: int) -> None:
+        """Run layers only up to ``index`` (harvesting): vLLM's forward reads ``end_layer``, the
+        same bound pipeline stages use. What the model then samples is meaningless."""
+        if len(self.owned) < len(self.layers) or not isinstance(getattr(self.owner, "end_layer", None), int):
+            raise SaeServeError(f"config hidden_states.stop_after: {self.architecture} cannot stop after a layer here "
+                                "(a pipeline stage, or a decoder stack without vLLM's end_layer)")
+        self.owner.end_layer = min(self.owner.end_layer, index + 1)  # type: ignore[union-attr]
 
     def returns(self, index: int) -> Returns:
         """How to find the residual stream in what layer ``index`` returns (refused when unknown)."""
@@ -80,13 +90,14 @@ def language_model(model: nn.Module) -> nn.Module:
 def decoder_stack(model: nn.Module, architecture: str) -> DecoderStack:
     """``model``'s decoder layers (a vLLM model, or a transformers causal LM for the reference engine)."""
     text = language_model(model)
-    layers = next((found for path in ("model.layers", "layers")
-                   if isinstance(found := _attr_path(text, path), nn.ModuleList)), None)
-    if layers is None:
+    owner = next((found for path in ("model", "") if isinstance(found := _attr_path(text, path), nn.Module)
+                  and isinstance(getattr(found, "layers", None), nn.ModuleList)), None)
+    if owner is None:
         raise SaeServeError(f"sae_serve cannot find the decoder layers of {architecture} ({type(text).__name__} "
                             "has no model.layers)")
+    layers = owner.layers
     owned = frozenset(i for i, layer in enumerate(layers) if type(layer).__name__ != "PPMissingLayer")
-    return DecoderStack(architecture, layers, owned)
+    return DecoderStack(architecture, layers, owned, owner)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -95,7 +106,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _attr_path(obj: Any, path: str) -> Any:
-    for name in path.split("."):
+    for name in path.split(".") if path else ():
         obj = getattr(obj, name, None)
         if obj is None:
             return None

@@ -52,7 +52,12 @@ class HiddenStatesConfig(BaseModel):
 
     layers: tuple[Annotated[int, Field(ge=0)], ...] = ()
     """Layers the workers expose besides their SAEs' (always exposed: the SAE's op reads them anyway).
-    Each costs a call of the op on every step, returning at once when nobody reads it."""
+    Each costs a call of the op on every step, returning at once when nobody reads it; under CUDA
+    graphs the op copies the layer's stream into a persistent buffer every step instead
+    (max_num_batched_tokens x d_model in the model's dtype)."""
+    stop_after: int | None = Field(default=None, ge=0)
+    """Run the decoder layers only up to this one (``sae-serve harvest --engine vllm``: the later
+    layers would be wasted work). Tokens sampled then are meaningless: never set it on a server."""
 
 
 class LimitsConfig(BaseModel):

@@ -246,10 +246,9 @@ class WorkerCapabilities:
 
     def _check_hidden_states(self, request: ResolvedRequest, limits: LimitsConfig) -> None:
         hidden = request.hidden
-        if self.graph_mode or self.speculative:
-            raise SpecError("return_hidden_states", "hidden states are not available on this server: they are read "
-                            "on vLLM's V1 model runner without CUDA graphs or speculative decoding (enforce_eager, "
-                            "VLLM_USE_V2_MODEL_RUNNER=0)")
+        if self.speculative:
+            raise SpecError("return_hidden_states", "hidden states are not available on this server: it runs "
+                            "speculative decoding, whose rejected draft tokens would show up in them")
         if not isinstance(hidden.positions, str) and hidden.positions[-1] >= self.max_model_len:
             raise SpecError("return_hidden_states.positions", f"position {hidden.positions[-1]} is beyond this "
                             f"server's context length of {self.max_model_len} tokens")

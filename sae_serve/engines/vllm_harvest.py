@@ -28,7 +28,7 @@ class VllmActivations:
 
         # Offline use is trusted: the only limit is what one context's states take. States wait on
         # the workers until the whole batch is done, however long it takes.
-        config = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(layer,)),
+        config = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(layer,), stop_after=layer),
                                 limits=LimitsConfig(max_hidden_state_bytes=2**31, readout_ttl_s=3600))
         llm_kwargs.setdefault("max_model_len", ctx_len + 1)  # the context, and the one token sampled
         # Hidden states are read on the V1 runner without CUDA graphs (which help decoding, not this prefill).

@@ -27,6 +27,7 @@ from sae_serve.engines.protocol import (
     secret_id,
 )
 from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.engines.state_copies import Capture, StateBuffers, StateCopies
 from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
@@ -67,15 +68,6 @@ class _Live:
 NOT_ADMITTED = _Live(None, {})
 
 
-@dataclass(frozen=True)
-class _Capture:
-    """One layer's hidden states to copy out in a step: ``rows`` of the step, then split in
-    ``parts`` (key, positions, dtype) of one request each."""
-
-    rows: torch.Tensor
-    parts: list[tuple[str, torch.Tensor, torch.dtype]]
-
-
 @dataclass
 class _Step:
     plans: list[dict[str, RequestPlan]]  # per request: its prepared work by SAE name
@@ -83,7 +75,7 @@ class _Step:
     keys: list[str | None]
     tokens: int  # real (unpadded) rows in the step
     segments: dict[str, SaePlan]  # per SAE: the work of the segment path (the fixed op's is in its tables)
-    captures: dict[int, _Capture] = field(default_factory=dict)  # layer -> hidden states to copy out
+    captures: dict[int, Capture] = field(default_factory=dict)  # layer -> hidden states to copy out
 
 
 @dataclass
@@ -107,18 +99,23 @@ class SteeringRuntime:
     pipeline: bool = False  # a pipeline stage: no guardrails (a rule's trigger and its action may be apart)
     hidden_layers: tuple[int, ...] = ()  # the layers whose hidden states requests may read (this stage's)
     d_model: int = 0
+    device: torch.device | None = None  # the model's (None: the SAEs', else the CPU)
     resolved: dict[str, _Live] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
     tables: dict[str, FixedTables] = field(default_factory=dict)  # SAE name -> the fixed op's tables
     pending: list[tuple[str, str, Segment]] = field(default_factory=list)  # fixed-op readouts to collect
+    state_buffers: StateBuffers | None = None  # graph mode: where the op copies exposed layers' streams
+    pending_states: dict[int, Capture] = field(default_factory=dict)  # graph mode: the last step's, to gather
+    copies: StateCopies = field(default_factory=StateCopies)  # hidden states on their way to the store
     abort_rules: dict[str, list[GuardState]] = field(default_factory=dict)  # by request id: its abort rules
     aborts: list[tuple[int, list[GuardState]]] = field(default_factory=list)  # this step: (row, abort rules)
 
     def __post_init__(self) -> None:
         self.saes = {name: loaded.sae for name, loaded in self.registry.saes.items()
                      if self.local is None or name in self.local}
-        self.device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
+        if self.device is None:
+            self.device = next(iter(self.saes.values())).W_dec.device if self.saes else torch.device("cpu")
         self.guard_table = GuardTable(self.device)  # every live request's rules
 
     def capabilities(self) -> WorkerCapabilities:
@@ -197,7 +194,7 @@ class SteeringRuntime:
     def plan_step(self, batch: StepBatch, extra_args: dict[str, dict[str, Any] | None], live: Any) -> None:
         """Map a step's requests to rows and fill the fixed op's tables; ``step`` stays None when
         nobody steers, reads or is watched. ``live``: the ids of the runner's current requests."""
-        self.collect_fixed_readouts()
+        self.collect_readouts()
         if self.graph_mode:  # inside graphs the op adds to the totals; publish what has landed
             for watch in self.watches.values():
                 watch.publish(self.metrics)
@@ -209,6 +206,8 @@ class SteeringRuntime:
         self.step = None
         reading = self.reports and any(r.hidden for r in requests)  # (one rank of a stage answers)
         captures = self._captures(requests, batch.layout()) if reading else {}
+        if self.graph_mode:  # the op copies every exposed layer; the rows are gathered after the forward
+            self.pending_states, captures = captures, {}
         if batch.req_ids and (self.monitoring or any(plans) or captures):
             layout = batch.layout()  # (built only for a step that does work: the idle path stays bare)
             self.step = _Step(plans, layout, keys, batch.query_start_loc[-1], {}, captures)
@@ -218,7 +217,7 @@ class SteeringRuntime:
             for tables in self.tables.values():
                 tables.fill(())
 
-    def _captures(self, live: list[_Live], layout: list[RequestRows]) -> dict[int, _Capture]:
+    def _captures(self, live: list[_Live], layout: list[RequestRows]) -> dict[int, Capture]:
         """Per layer, the step's rows whose hidden states a request reads, grouped by request."""
         wanted: dict[int, tuple[list[int], list[tuple[str, torch.Tensor, torch.dtype]]]] = {}
         for request, rows in zip(live, layout, strict=True):
@@ -234,7 +233,7 @@ class SteeringRuntime:
                     all_rows, parts = wanted.setdefault(layer, ([], []))
                     all_rows += [rows.start + p - rows.first_position for p in picked]
                     parts.append((request.key, positions, getattr(torch, hidden.dtype)))
-        return {layer: _Capture(torch.tensor(rows, device=self.device), parts)
+        return {layer: Capture(torch.tensor(rows).to(self.device, non_blocking=True), parts)
                 for layer, (rows, parts) in wanted.items()}
 
     def _forget(self, gone: set[str]) -> None:
@@ -268,17 +267,25 @@ class SteeringRuntime:
         self.pending += [(key, name, seg) for seg in fixed if seg.plan.reads and (key := keys[seg.request])]
         return tuple(rest)
 
-    def collect_fixed_readouts(self) -> None:
-        """Readouts the fixed op wrote during the last forward."""
+    def collect_readouts(self, wait: bool = False) -> None:
+        """Readouts the fixed op wrote during the last forward, and the hidden states copied out so
+        far (``wait``: all of them)."""
         for key, name, seg in self.pending:
             self.readouts.add(key, name, fixed_readout(self.tables[name], seg))
         self.pending.clear()
+        if self.state_buffers is not None:
+            for layer, capture in self.pending_states.items():
+                self.copies.start(layer, self.state_buffers.gather(layer, capture.rows), capture.parts)
+            self.pending_states = {}
+        self.copies.deliver(self.readouts, wait)
 
     def apply(self, loaded: LoadedSae | None, hidden: torch.Tensor, residual: torch.Tensor,
               layer: int | None = None) -> None:
         """The op at a layer: copy out the hidden states read at ``layer`` (None: another op at
         this layer does), then ``loaded``'s work (None: an exposed layer without an SAE)."""
         if self.graph_mode:  # the same kernels every step, on whatever the tables hold
+            if layer is not None and self.state_buffers is not None:
+                self.state_buffers.record(layer, hidden, residual)
             if loaded is None:
                 return
             watch = self.watches.get(loaded.name)
@@ -290,7 +297,8 @@ class SteeringRuntime:
         if step is None:
             return
         if layer in step.captures:  # before any edit at this layer
-            self._copy_out(layer, step.captures[layer], hidden, residual)
+            rows = step.captures[layer].rows
+            self.copies.start(layer, hidden[rows] + residual[rows], step.captures[layer].parts)
         if loaded is None:
             return
         watch = self.watches.get(loaded.name)
@@ -307,15 +315,6 @@ class SteeringRuntime:
         if self.monitoring:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
 
-    def _copy_out(self, layer: int, capture: _Capture, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        rows = capture.rows.to(hidden.device, non_blocking=True)
-        states = (hidden[rows] + residual[rows]).cpu()  # (the model's dtype; each part's asked for below)
-        start = 0
-        for key, positions, dtype in capture.parts:
-            end = start + positions.numel()
-            self.readouts.add_states(key, layer, positions, states[start:end].to(dtype))
-            start = end
-
     def force_stops(self, sampled: torch.Tensor) -> torch.Tensor:
         """The step's sampled tokens (rows in batch order), with the stop token for every request
         whose abort rule has fired: vLLM's own stop check then ends it. No host sync."""
@@ -330,7 +329,7 @@ class SteeringRuntime:
 
     def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
         """Each key's readouts and error, removed from the worker."""
-        self.collect_fixed_readouts()
+        self.collect_readouts(wait=True)
         out = {key: self.readouts.pop(key) for key in keys}
         self.readouts.expire()
         self.metrics.readout_bytes.set(self.readouts.nbytes)

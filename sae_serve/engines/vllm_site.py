@@ -21,6 +21,7 @@ from sae_serve.architectures import Returns, decoder_stack
 from sae_serve.config import SaeServeConfig, config_from_env
 from sae_serve.engines.protocol import deployment_secret
 from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.engines.state_copies import StateBuffers
 from sae_serve.engines.vllm_runtime import SteeringRuntime
 from sae_serve.errors import SaeServeError, first_field_error
 from sae_serve.metrics import SilentMetrics, worker_metrics
@@ -155,6 +156,8 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         logger.info("sae_serve: no SAE reads a layer of this pipeline stage")
         return None
     returns = {layer: stack.returns(layer) for layer in exposed}  # refuses an unknown layer before any change
+    if config.hidden_states.stop_after is not None:
+        stack.stop_after(config.hidden_states.stop_after)
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     reports = _first_rank()
@@ -167,15 +170,13 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         speculative=runner.vllm_config.speculative_config is not None,
         stop_token=eos_token(model_config.hf_text_config), server_rules=config.guardrails,
         pipeline=len(stack.owned) < len(stack.layers), hidden_layers=exposed,
-        d_model=model_config.hf_text_config.hidden_size)
+        d_model=model_config.hf_text_config.hidden_size, device=torch.device(runner.device))
     if config.guardrails and (runtime.graph_mode or runtime.speculative or runtime.pipeline):
         raise SaeServeError("config guardrails: they run on vLLM's V1 model runner without CUDA graphs, speculative "
                             "decoding or pipeline parallelism (enforce_eager, VLLM_USE_V2_MODEL_RUNNER=0)")
     _prepare_ops(runtime, runner, config)
     for index in exposed:  # one op per layer copies its hidden states out, before any SAE's edit there
         here = [runtime.registry.saes[name] for name in sorted(local) if layers[name] == index]
-        if not here and runtime.graph_mode:
-            continue  # (hidden states are refused under CUDA graphs: no op where it would do nothing)
         for j, loaded in enumerate(here or [None]):
             site = bind_site(runtime, loaded, index if j == 0 else None)
             stack.layers[index] = SteeredDecoderLayer(stack.layers[index], site, returns[index])
@@ -199,6 +200,9 @@ def _prepare_ops(runtime: SteeringRuntime, runner: Any, config: SaeServeConfig) 
     sched = runner.vllm_config.scheduler_config
     if config.metrics.enabled:
         runtime.enable_monitoring(config.metrics.firing_fraction_of_max, sched.max_num_batched_tokens)
+    if runtime.graph_mode and runtime.reports and runtime.hidden_layers:
+        runtime.state_buffers = StateBuffers(runtime.hidden_layers, sched.max_num_batched_tokens, runtime.d_model,
+                                             runner.model_config.dtype, runtime.device)
     if not (config.op.fixed_shapes or runtime.graph_mode):
         return
     capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)

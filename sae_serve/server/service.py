@@ -83,6 +83,9 @@ class Collected:
 class SteeringService:
     def __init__(self, config: SaeServeConfig, metrics: ApiMetrics | None = None,
                  capabilities: WorkerCapabilities | None = None) -> None:
+        if config.hidden_states.stop_after is not None:
+            raise SaeServeError("config hidden_states.stop_after: the model would sample from an unfinished forward; "
+                                "it is for harvesting (sae-serve harvest --engine vllm), never for a server")
         # The API process keeps SAEs on the CPU for validation and feature cards only.
         self.registry: SaeRegistry = build_registry(config)
         self.policy = config.policy

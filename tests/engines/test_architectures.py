@@ -150,3 +150,19 @@ def test_a_vllm_layer_not_audited_is_refused_by_name() -> None:
     model.model.layers = nn.ModuleList([CohereDecoderLayer()])
     with pytest.raises(SaeServeError, match="CohereForCausalLM yet: its decoder layer CohereDecoderLayer"):
         decoder_stack(model, "CohereForCausalLM").returns(0)
+
+
+def test_harvesting_stops_a_vllm_stack_after_its_layer_and_refuses_what_cannot_stop() -> None:
+    """vLLM's decoder stacks run layers[start_layer:end_layer]; transformers' have no such bound."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Identity() for _ in range(6)])
+    model.model.start_layer, model.model.end_layer = 0, 6
+    decoder_stack(model, "LlamaForCausalLM").stop_after(2)
+    assert model.model.end_layer == 3
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32))
+    with pytest.raises(SaeServeError, match="hidden_states.stop_after"):
+        decoder_stack(llama, "LlamaForCausalLM").stop_after(0)

@@ -3,8 +3,9 @@ whatever requests each later step holds, with the tables refilled before each re
 runners do (the V2 ModelState's prepare_inputs, or V1's step hook, on the main stream, then the
 replay). Each step's rows must equal the eager segment path, and a request's rows must be
 bit-identical whatever its neighbours ask; the watched features' totals, kept inside the graph,
-must equal observing each real token. On a GPU the op runs in a real torch.cuda.CUDAGraph;
-on a CPU (CI) the same steps run it eagerly, since graphs need a GPU. bench/README.md, "GPU",
+must equal observing each real token; the hidden states requests read, gathered from a persistent
+buffer after each step, must be their rows before the edit. On a GPU the op runs in a real
+torch.cuda.CUDAGraph; on a CPU (CI) the same steps run it eagerly, since graphs need a GPU. bench/README.md, "GPU",
 records the GPU run."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sae_serve.engines.protocol import admit
+from sae_serve.engines.state_copies import StateBuffers
 from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
 from sae_serve.engines.vllm_site import bind_site, replays_cuda_graphs
 from sae_serve.metrics import WorkerMetrics
@@ -31,6 +33,7 @@ from tests.steering.test_watch import FEATURES, NAMES, THRESHOLDS, flush, refere
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = 32  # the captured batch: steps pad up to it
 SECRET = b"test-deployment-secret"
+LAYER = 2  # the SAE's layer, whose hidden states requests may read too
 
 
 class CapturedOp:
@@ -80,6 +83,8 @@ def _random_spec(rng: random.Random) -> dict | None:
     spec = {"steering": steering}
     if rng.random() < 0.5:
         spec["return_features"] = {"sae": "s", "features": features[:2]}
+    if rng.random() < 0.5:
+        spec["return_hidden_states"] = {"layers": [LAYER], "positions": "all"}
     return spec
 
 
@@ -106,7 +111,9 @@ def graph():
     prom = CollectorRegistry()
     runtime.metrics = WorkerMetrics(prom)
     runtime.watches = {"s": Watch(loaded.sae, "s", FEATURES, NAMES, THRESHOLDS, max_rows=ROWS)}
-    return SimpleNamespace(reg=reg, runtime=runtime, op=CapturedOp(bind_site(runtime, loaded)), prom=prom,
+    runtime.hidden_layers, runtime.d_model = (LAYER,), D_IN
+    runtime.state_buffers = StateBuffers((LAYER,), ROWS, D_IN, torch.float32, torch.device(DEVICE))
+    return SimpleNamespace(reg=reg, runtime=runtime, op=CapturedOp(bind_site(runtime, loaded, LAYER)), prom=prom,
                            watched=[])
 
 
@@ -144,6 +151,15 @@ def test_replays_steer_each_step_as_the_eager_path_and_only_the_requests_rows(gr
             values = torch.tensor(readouts[rid].features["s"].values)
             torch.testing.assert_close(values, acts.values, rtol=1e-5, atol=1e-5)
             assert readouts[rid].features["s"].positions == acts.positions.tolist()
+        for i, (rid, spec) in enumerate(zip(batch.req_ids, specs, strict=True)):
+            states = readouts[rid].hidden_states
+            if spec is None or "return_hidden_states" not in spec:
+                assert states == []
+                continue
+            start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+            assert states[0].positions == list(range(batch.computed[i], batch.computed[i] + end - start))
+            assert torch.equal(states[0].tensor(), (stream[0][start:end] + stream[1][start:end]).cpu()), \
+                f"step {step}: request {i}'s hidden states are not its rows before the edit"
         # The same first request with every neighbour plain: its rows are bit-identical.
         alone = StepBatch([f"{rid}-alone" for rid in batch.req_ids], batch.query_start_loc, batch.computed,
                           batch.prompt_lens)

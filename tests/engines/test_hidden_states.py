@@ -12,9 +12,11 @@ import torch
 from sae_serve.config import LimitsConfig
 from sae_serve.engines.protocol import WorkerCapabilities, admit, cache_salt
 from sae_serve.engines.readouts import ReadoutStore
+from sae_serve.engines.state_copies import StateBuffers
 from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
 from sae_serve.errors import SpecError
 from sae_serve.sae.registry import registry_of
+from sae_serve.steering.fixed import Capacity, FixedTables
 from sae_serve.steering.spec import RequestSpec, resolve
 from tests.conftest import make_sae
 
@@ -23,10 +25,15 @@ D_IN = 16
 CLAMP = {"interventions": [{"sae": "s", "feature": 3, "mode": "clamp", "value": 50.0}]}
 
 
-def runtime() -> SteeringRuntime:
-    """An SAE at layer 2; layers 1 and 2 exposed."""
-    return SteeringRuntime(registry_of({"s": make_sae("relu", D_IN, 32, seed=4, hook_layer=2)}), SECRET,
-                           hidden_layers=(1, 2), d_model=D_IN)
+def runtime(graph: bool = False) -> SteeringRuntime:
+    """An SAE at layer 2; layers 1 and 2 exposed. ``graph``: as under CUDA graphs (run eagerly
+    here), where the op copies each exposed layer into a buffer and rows are gathered after the step."""
+    rt = SteeringRuntime(registry_of({"s": make_sae("relu", D_IN, 32, seed=4, hook_layer=2)}), SECRET,
+                         graph_mode=graph, hidden_layers=(1, 2), d_model=D_IN)
+    if graph:
+        rt.tables = {"s": FixedTables(rt.saes["s"], Capacity(tokens=16, slots=4, requests=8))}
+        rt.state_buffers = StateBuffers((1, 2), 16, D_IN, torch.float32, torch.device("cpu"))
+    return rt
 
 
 def signed(spec: dict, key: str) -> dict:
@@ -51,8 +58,9 @@ def states(rt: SteeringRuntime, key: str) -> dict[int, tuple[list[int], torch.Te
     return {h.layer: (h.positions, h.tensor()) for h in reply.hidden_states}
 
 
-def test_each_request_gets_its_own_positions_before_the_edit_at_the_layer() -> None:
-    rt = runtime()
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_each_request_gets_its_own_positions_before_the_edit_at_the_layer(graph: bool) -> None:
+    rt = runtime(graph)
     reads_all = signed({"steering": CLAMP, "return_hidden_states": {"layers": [1, 2], "positions": "all"}}, "all")
     reads_last = signed({"return_hidden_states": {"layers": [2], "dtype": "float16"}}, "last")
     # Prefill: "all" has 3 prompt tokens (rows 0-2), "last" 4 (rows 3-6), a plain request 2 (rows 7-8).
@@ -72,8 +80,9 @@ def test_each_request_gets_its_own_positions_before_the_edit_at_the_layer() -> N
     assert states(rt, "last") == {}
 
 
-def test_listed_positions_pick_across_steps_and_a_recomputed_position_replaces_its_rows() -> None:
-    rt = runtime()
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_listed_positions_pick_across_steps_and_a_recomputed_position_replaces_its_rows(graph: bool) -> None:
+    rt = runtime(graph)
     extra = signed({"return_hidden_states": {"layers": [1], "positions": [1, 4]}}, "k")
     forward(rt, StepBatch(["r"], [0, 3], [0], [3]), {"r": extra}, seed=0)  # positions 0-2
     forward(rt, StepBatch(["r"], [0, 1], [3], [3]), {"r": extra}, seed=1)  # position 3
@@ -85,6 +94,17 @@ def test_listed_positions_pick_across_steps_and_a_recomputed_position_replaces_i
     streams = forward(rt, StepBatch(["r"], [0, 5], [0], [3]), {"r": extra}, seed=4)  # 0-4 again
     got = states(rt, "k")[1]
     assert got[0] == [1, 4] and torch.equal(got[1], streams[1][[1, 4]])
+
+
+def test_float16_states_that_would_overflow_fail_the_request_instead_of_turning_inf() -> None:
+    rt = runtime()
+    extra = signed({"return_hidden_states": {"layers": [1], "dtype": "float16"}}, "k")
+    rt.plan_step(StepBatch(["r"], [0, 2], [0], [2]), {"r": extra}, {"r": None})
+    big = torch.zeros(2, D_IN)
+    big[1, 5] = 70_000.0  # a massive activation: above float16's 65,504
+    rt.apply(None, big, torch.zeros(2, D_IN), 1)
+    reply = rt.pop_readouts(["k"])["k"]
+    assert reply.hidden_states == [] and "float16" in reply.error and "float32" in reply.error
 
 
 def test_the_store_fails_a_request_past_its_byte_limit() -> None:
@@ -119,10 +139,10 @@ def test_capabilities_refuse_naming_the_field() -> None:
     assert err.value.field == "return_hidden_states" and "512000 bytes" in str(err.value)
     check(capabilities(), {"layers": [1, 2], "positions": "all", "dtype": "float16"},
           LimitsConfig(max_hidden_state_bytes=500_000))  # half the bytes fit
-    for refused in ({"graph_mode": True}, {"speculative": True}):
-        with pytest.raises(SpecError) as err:
-            check(capabilities(**refused), {"layers": [1]})
-        assert err.value.field == "return_hidden_states"
+    check(capabilities(graph_mode=True), {"layers": [1], "positions": "all"})  # CUDA graphs: copied from buffers
+    with pytest.raises(SpecError) as err:
+        check(capabilities(speculative=True), {"layers": [1]})
+    assert err.value.field == "return_hidden_states" and "speculative" in str(err.value)
 
 
 @pytest.mark.parametrize("bad", [{"layers": []}, {"layers": [1, 1]}, {"layers": [1], "positions": "first"},
@@ -180,3 +200,12 @@ def test_a_stream_never_gets_a_position_twice_after_a_preemption(tmp_path) -> No
     [again] = second.hidden_states
     assert again.positions == [3] and again.shape == [1, D_IN]
     assert torch.equal(again.tensor(), torch.full((1, D_IN), 3.0))
+
+
+def test_a_server_refuses_a_config_that_stops_the_model_early(tmp_path) -> None:
+    from sae_serve.config import HiddenStatesConfig, SaeServeConfig
+    from sae_serve.errors import SaeServeError
+    from sae_serve.server.service import SteeringService
+
+    with pytest.raises(SaeServeError, match="hidden_states.stop_after"):
+        SteeringService(SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(2,), stop_after=2)))
