@@ -1,12 +1,14 @@
 """Harvest throughput: vLLM with the plugin against transformers' forward hook, same run, same contexts.
 
-    python bench/harvest_engines.py [--contexts 64] [--rounds 2]
+    python bench/harvest_engines.py [--contexts 64] [--rounds 2] [--dtypes float32,bfloat16]
 
-Both harvest the default model's layer 15 (resid_post) over 256-token contexts in float32, as
-``sae-serve harvest --engine hf|vllm`` does: transformers 8 contexts per forward and stops after
-layer 15; vLLM takes every context at once (its scheduler batches them) and runs the whole model
-(its forward cannot stop early). Rounds alternate (A B A B); tokens/s and their ratio are printed
-as JSON and appended to bench/results/harvest_engines.jsonl.
+Both harvest the default model's layer 15 (resid_post) over 256-token contexts, at each dtype, as
+``sae-serve harvest --engine hf|vllm`` does: transformers 8 contexts per forward, vLLM every
+context at once (its scheduler batches them); both stop after layer 15 (transformers by raising in
+the hook, vLLM through ``hidden_states.stop_after``). Rounds alternate (A B A B); tokens/s and their
+ratios are printed as JSON and appended to bench/results/harvest_engines.jsonl. ``vllm_over_hf``
+compares the same dtype; ``vllm_over_hf_float32`` compares each vLLM dtype with what
+``--engine hf`` harvests in (float32).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -43,34 +46,40 @@ def main() -> None:
 
     folder = prepare_model()
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 49152, size=(args.contexts, CTX_LEN)))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    vllm = VllmActivations(folder, LAYER, CTX_LEN, dtype="float32", seed=0)
+    dtypes = args.dtypes.split(",")
+    engines = {}
+    for dtype in dtypes:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        engines[f"hf_{dtype}"] = lambda b, model=model: torch.cat(
+            [layer_activations(model, b[i:i + 8], LAYER) for i in range(0, len(b), 8)])
+        engines[f"vllm_{dtype}"] = VllmActivations(folder, LAYER, CTX_LEN, dtype=dtype, seed=0)
 
-    def hf() -> torch.Tensor:
-        return torch.cat([layer_activations(model, ids[b:b + 8], LAYER) for b in range(0, len(ids), 8)])
-
-    def seconds(run) -> tuple[float, torch.Tensor]:
-        start = time.perf_counter()
-        out = run()
-        return time.perf_counter() - start, out
-
-    vllm(ids[:8])  # warm-up both
-    layer_activations(model, ids[:8], LAYER)
-    rates: dict[str, list[float]] = {"hf": [], "vllm": []}
-    diff = 0.0
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    diffs: dict[str, float] = {}
+    for run in engines.values():  # warm-up
+        run(ids[:8])
     for _ in range(args.rounds):
-        hf_s, want = seconds(hf)
-        vllm_s, got = seconds(lambda: vllm(ids))
-        rates["hf"].append(ids.numel() / hf_s)
-        rates["vllm"].append(ids.numel() / vllm_s)
-        diff = float((got - want).abs().max() / want.abs().max())
+        for dtype in dtypes:
+            got = {}
+            for name in (f"hf_{dtype}", f"vllm_{dtype}"):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    got[name] = engines[name](ids).float()
+                rates[name].append(ids.numel() / (time.perf_counter() - start))
+            want = got[f"hf_{dtype}"]
+            diffs[dtype] = round(float((got[f"vllm_{dtype}"] - want).abs().max() / want.abs().max()), 6)
+
+    def ratio(a: str, b: str) -> float:
+        return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)), 3)
+
     result = {
         "bench": "harvest_engines", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "contexts": args.contexts, "ctx_len": CTX_LEN,
-        "hf_tokens_per_s": round(statistics.median(rates["hf"])),
-        "vllm_tokens_per_s": round(statistics.median(rates["vllm"])),
-        "vllm_over_hf": round(statistics.median(v / h for v, h in zip(rates["vllm"], rates["hf"], strict=True)), 3),
-        "max_abs_diff_over_max_abs": round(diff, 6),
+        "tokens_per_s": {name: round(statistics.median(r)) for name, r in rates.items()},
+        "vllm_over_hf": {dtype: ratio(f"vllm_{dtype}", f"hf_{dtype}") for dtype in dtypes},
+        "vllm_over_hf_float32": {dtype: ratio(f"vllm_{dtype}", "hf_float32") for dtype in dtypes
+                                 if "float32" in dtypes},
+        "max_abs_diff_over_max_abs": diffs,
     }
     print(json.dumps(result, indent=1))
     with (Path(__file__).parent / "results" / "harvest_engines.jsonl").open("a") as f:

@@ -33,6 +33,7 @@ class VllmActivations:
         llm_kwargs.setdefault("max_model_len", ctx_len + 1)  # the context, and the one token sampled
         # Hidden states are read on the V1 runner without CUDA graphs (which help decoding, not this prefill).
         llm_kwargs.setdefault("enforce_eager", True)
+        llm_kwargs.setdefault("enable_prefix_caching", False)  # (a reader's prompt is never shared anyway)
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         self.llm = SteeredLLM(model, config, config_dir=config_dir, **llm_kwargs)
         if self.llm.capabilities.graph_mode:  # (vLLM had cached its environment before ours was set)
