@@ -68,27 +68,28 @@ class GuardTable:
         """One step at one site: ``values`` (rows, columns) holds every trigger's values, and each
         ``Watched`` says which rows and column are its rule's; all rules are updated at once."""
         m, device = max(w.count for w in watched), self.fired.device
-
-        def tensor(items: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(items, dtype=dtype, device=device)
-
-        slots = tensor([w.state.slot for w in watched], torch.long)
-        threshold = tensor([w.state.rule.threshold for w in watched], torch.float32)
-        tokens, window = (tensor([getattr(w.state.rule, k) for w in watched], torch.long) for k in ("tokens", "window"))
+        # Every rule's numbers in one host tensor, copied at once without waiting for the device.
+        host = torch.tensor([[w.state.slot, w.state.rule.tokens, w.state.rule.window, w.count, w.row, w.column,
+                              w.first_position] for w in watched], dtype=torch.long)
+        limits = torch.tensor([w.state.rule.threshold for w in watched], dtype=torch.float32)
+        if device.type == "cuda":
+            host, limits = host.pin_memory(), limits.pin_memory()
+        host, threshold = host.to(device, non_blocking=True), limits.to(device, non_blocking=True)
+        slots, tokens, window, count, row, column, first_position = host.unbind(1)
         offset = torch.arange(m, device=device)
-        real = offset < tensor([w.count for w in watched], torch.long)[:, None]  # (g, m): each rule's own rows
-        rows = torch.where(real, tensor([w.row for w in watched], torch.long)[:, None] + offset, 0)
-        picked = values[rows, tensor([w.column for w in watched], torch.long)[:, None]]
+        real = offset < count[:, None]  # (g, m): each rule's own rows
+        rows = torch.where(real, row[:, None] + offset, 0)
+        picked = values[rows, column[:, None]]
         above = (picked.float() > threshold[:, None]) & real
         seq = torch.cat([self.history[slots], above], dim=1)  # (g, HISTORY + m): each row's bits, oldest first
         counts = F.pad(seq.long().cumsum(1), (1, 0))
         ends = torch.arange(HISTORY + 1, HISTORY + 1 + m, device=device)  # one past each watched bit
         in_window = counts[:, HISTORY + 1:] - counts.gather(1, ends[None, :] - window[:, None])
         hits = (in_window >= tokens[:, None]) & real
-        first = tensor([w.first_position for w in watched], torch.long) + hits.int().argmax(1)
+        first = first_position + hits.int().argmax(1)
         old = self.fired[slots]
         self.fired[slots] = torch.where(old >= 0, old, torch.where(hits.any(1), first, -1))
-        kept = tensor([w.count for w in watched], torch.long)[:, None] + torch.arange(HISTORY, device=device)
+        kept = count[:, None] + torch.arange(HISTORY, device=device)
         self.history[slots] = seq.gather(1, kept)
 
 
