@@ -10,10 +10,12 @@ exported this way) or TopK. For ReLU and JumpReLU feature i depends only on enco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal, NamedTuple, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sae_serve.errors import SaeFormatError, SaeServeError
@@ -93,6 +95,9 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SaeConfig, tensors: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.cfg = cfg
+        self.encoder_gemm: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """(rows, d_in) -> (rows, d_sae) pre-activations, when an engine has a faster GEMM than
+        torch's for them (``vllm_site``: vLLM's own on a CPU); None: ``F.linear``."""
         for name, tensor in tensors.items():
             if name == "W_enc":  # held as (d_sae, d_in) rows: see ``encoder_rows``
                 self.register_buffer(name, tensor.detach().T.clone(memory_format=torch.contiguous_format).T)
@@ -139,7 +144,10 @@ class SparseAutoencoder(nn.Module):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae): the encoder's affine part."""
-        return self._encoder_input(x) @ self.W_enc + self.b_enc
+        x = self._encoder_input(x)
+        if self.encoder_gemm is not None and x.dim() == 2:
+            return self.encoder_gemm(x)
+        return F.linear(x, self.encoder_rows, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae) feature activations."""
