@@ -52,9 +52,9 @@ class HiddenStatesConfig(BaseModel):
 
     layers: tuple[Annotated[int, Field(ge=0)], ...] = ()
     """Layers the workers expose besides their SAEs' (always exposed: the SAE's op reads them anyway).
-    Each costs a call of the op on every step, returning at once when nobody reads it; under CUDA
-    graphs the op copies the layer's stream into a persistent buffer every step instead
-    (max_num_batched_tokens x d_model in the model's dtype)."""
+    Each costs a call of the op on every step, returning at once when nobody reads it. Under CUDA
+    graphs only these are exposed (not the SAEs' layers), and each one's op copies its stream into
+    a persistent buffer every step (max_num_batched_tokens x d_model in the model's dtype)."""
     stop_after: int | None = Field(default=None, ge=0)
     """Run the decoder layers only up to this one (``sae-serve harvest --engine vllm``: the later
     layers would be wasted work). Tokens sampled then are meaningless: never set it on a server."""

@@ -14,13 +14,12 @@ this forward and before the next one overwrites the buffer.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
 from sae_serve.engines.readouts import ReadoutStore
-
-FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
@@ -60,25 +59,32 @@ class StateCopies:
         landed.record()
         self._flying.append(_InFlight(layer, host, parts, landed))
 
-    def deliver(self, store: ReadoutStore, wait: bool) -> None:
-        """Hand the landed copies to ``store`` (``wait``: all of them, waiting for the device)."""
+    def deliver(self, store: ReadoutStore, wait_for: Collection[str] = ()) -> set[str]:
+        """Hand the landed copies to ``store``, waiting for the device only for those that hold
+        rows of the keys in ``wait_for``; returns the keys that got rows (or an error)."""
+        last = max((i for i, copy in enumerate(self._flying) if any(k in wait_for for k, _, _ in copy.parts)),
+                   default=-1)
+        delivered: set[str] = set()
         while self._flying:
             copy = self._flying[0]
             if copy.landed is not None:
-                if not (wait or copy.landed.query()):
-                    return
+                if last < 0 and not copy.landed.query():
+                    break
                 copy.landed.synchronize()
             self._flying.popleft()
+            last -= 1
             start = 0
             for key, positions, dtype in copy.parts:
                 end = start + positions.numel()
-                rows = copy.host[start:end]
-                start = end
-                if dtype == torch.float16 and rows.dtype != torch.float16 and rows.abs().max() > FLOAT16_MAX:
-                    store.fail(key, f"the hidden states at layer {copy.layer} exceed float16's range (this "
+                rows, start = copy.host[start:end], end
+                delivered.add(key)
+                wanted = rows.to(dtype, copy=True)  # (a copy: the store keeps no part of a step's pinned block)
+                if wanted.isinf().any() and not rows.isinf().any():
+                    store.fail(key, f"the hidden states at layer {copy.layer} exceed {dtype}'s range (this "
                                "model's stream holds larger values): ask for return_hidden_states.dtype float32")
                     continue
-                store.add_states(key, copy.layer, positions, rows.to(dtype))
+                store.add_states(key, copy.layer, positions, wanted)
+        return delivered
 
 
 class StateBuffers:

@@ -31,14 +31,13 @@ class VllmActivations:
         config = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(layer,), stop_after=layer),
                                 limits=LimitsConfig(max_hidden_state_bytes=2**31, readout_ttl_s=3600))
         llm_kwargs.setdefault("max_model_len", ctx_len + 1)  # the context, and the one token sampled
-        # Hidden states are read on the V1 runner without CUDA graphs (which help decoding, not this prefill).
+        # Eager on the V1 runner, the tested path: CUDA graphs help decoding, not this prefill.
         llm_kwargs.setdefault("enforce_eager", True)
         llm_kwargs.setdefault("enable_prefix_caching", False)  # (a reader's prompt is never shared anyway)
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        # The model stops after ``layer``: a compiled forward cached on disk must not serve a whole-model run.
+        os.environ.setdefault("VLLM_DISABLE_COMPILE_CACHE", "1")
         self.llm = SteeredLLM(model, config, config_dir=config_dir, **llm_kwargs)
-        if self.llm.capabilities.graph_mode:  # (vLLM had cached its environment before ours was set)
-            raise SaeServeError("vLLM runs this model with CUDA graphs, where hidden states are not read: set "
-                                "VLLM_USE_V2_MODEL_RUNNER=0 before vLLM starts")
         self.layer = layer
         self.spec = {"return_hidden_states": {"layers": [layer], "positions": "all"}}
         self.params = SamplingParams(max_tokens=1, temperature=0)

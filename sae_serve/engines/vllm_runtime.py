@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,9 +268,9 @@ class SteeringRuntime:
         self.pending += [(key, name, seg) for seg in fixed if seg.plan.reads and (key := keys[seg.request])]
         return tuple(rest)
 
-    def collect_readouts(self, wait: bool = False) -> None:
+    def collect_readouts(self, wait_for: Collection[str] = ()) -> None:
         """Readouts the fixed op wrote during the last forward, and the hidden states copied out so
-        far (``wait``: all of them)."""
+        far (all of those of the keys in ``wait_for``)."""
         for key, name, seg in self.pending:
             self.readouts.add(key, name, fixed_readout(self.tables[name], seg))
         self.pending.clear()
@@ -277,7 +278,11 @@ class SteeringRuntime:
             for layer, capture in self.pending_states.items():
                 self.copies.start(layer, self.state_buffers.gather(layer, capture.rows), capture.parts)
             self.pending_states = {}
-        self.copies.deliver(self.readouts, wait)
+        got = self.copies.deliver(self.readouts, wait_for)
+        if got:  # rows that landed after their request left the runner: its entry must expire too
+            live = {request.key for request in self.resolved.values()}
+            for key in got - live:
+                self.readouts.finish(key)
 
     def apply(self, loaded: LoadedSae | None, hidden: torch.Tensor, residual: torch.Tensor,
               layer: int | None = None) -> None:
@@ -329,7 +334,7 @@ class SteeringRuntime:
 
     def pop_readouts(self, keys: list[str]) -> dict[str, WorkerReply]:
         """Each key's readouts and error, removed from the worker."""
-        self.collect_readouts(wait=True)
+        self.collect_readouts(wait_for=keys)
         out = {key: self.readouts.pop(key) for key in keys}
         self.readouts.expire()
         self.metrics.readout_bytes.set(self.readouts.nbytes)

@@ -151,18 +151,20 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     registry.check_fits(model_config.hf_text_config.hidden_size, len(stack.layers))
     layers = {name: _site_layer(loaded) for name, loaded in registry.saes.items()}
     local = frozenset(name for name, index in layers.items() if index in stack.owned)
-    exposed = _exposed_layers(config, layers, len(stack.layers), stack.owned)
+    graph_mode = graph_mode or replays_cuda_graphs(runner)
+    exposed = _exposed_layers(config, layers, len(stack.layers), stack.owned, graph_mode)
     if not local and not exposed:
         logger.info("sae_serve: no SAE reads a layer of this pipeline stage")
         return None
-    returns = {layer: stack.returns(layer) for layer in exposed}  # refuses an unknown layer before any change
+    op_layers = sorted({*exposed, *(layers[name] for name in local)})
+    returns = {layer: stack.returns(layer) for layer in op_layers}  # refuses an unknown layer before any change
     if config.hidden_states.stop_after is not None:
         stack.stop_after(config.hidden_states.stop_after)
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     reports = _first_rank()
     runtime = SteeringRuntime(
-        registry.moved(runner.device, local), deployment_secret(), graph_mode or replays_cuda_graphs(runner),
+        registry.moved(runner.device, local), deployment_secret(), graph_mode,
         model_config.max_model_len, config.op.slots, worker_metrics() if reports else SilentMetrics(),
         ReadoutStore.of(config.limits), reports=reports, local=local,
         # one stage counts each request: the first with an op
@@ -175,10 +177,10 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         raise SaeServeError("config guardrails: they run on vLLM's V1 model runner without CUDA graphs, speculative "
                             "decoding or pipeline parallelism (enforce_eager, VLLM_USE_V2_MODEL_RUNNER=0)")
     _prepare_ops(runtime, runner, config)
-    for index in exposed:  # one op per layer copies its hidden states out, before any SAE's edit there
+    for index in op_layers:  # the first op at an exposed layer copies its hidden states out, before any edit
         here = [runtime.registry.saes[name] for name in sorted(local) if layers[name] == index]
         for j, loaded in enumerate(here or [None]):
-            site = bind_site(runtime, loaded, index if j == 0 else None)
+            site = bind_site(runtime, loaded, index if j == 0 and index in exposed else None)
             stack.layers[index] = SteeredDecoderLayer(stack.layers[index], site, returns[index])
             if loaded is not None:
                 logger.info("sae_serve: SAE %r (%d features) on layer %d", loaded.name, loaded.sae.d_sae, index)
@@ -186,13 +188,20 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
 
 
 def _exposed_layers(config: SaeServeConfig, sae_layers: dict[str, int], num_layers: int,
-                    owned: Collection[int]) -> tuple[int, ...]:
-    """This stage's layers that get the op: its SAEs' and those the config exposes."""
-    for layer in config.hidden_states.layers:
+                    owned: Collection[int], graph_mode: bool) -> tuple[int, ...]:
+    """This stage's layers whose hidden states requests may read: those the config exposes, and
+    its SAEs' unless under CUDA graphs (there each exposed layer costs a copy of the stream every
+    step, so only the config's are)."""
+    wanted = config.hidden_states
+    for layer in wanted.layers:
         if layer >= num_layers:
             raise SaeServeError(f"config hidden_states.layers: the model has {num_layers} decoder layers "
                                 f"(0 to {num_layers - 1}), not {layer}")
-    return tuple(sorted(layer for layer in {*config.hidden_states.layers, *sae_layers.values()} if layer in owned))
+    exposed = {*wanted.layers, *(() if graph_mode else sae_layers.values())}
+    if wanted.stop_after is not None and max([*exposed, *sae_layers.values()], default=-1) > wanted.stop_after:
+        raise SaeServeError(f"config hidden_states.stop_after: layer {wanted.stop_after} comes before a layer read "
+                            "(an exposed or an SAE's layer), which would never run")
+    return tuple(sorted(layer for layer in exposed if layer in owned))
 
 
 def _cpu_encoders(runtime: SteeringRuntime) -> None:

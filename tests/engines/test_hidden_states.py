@@ -84,16 +84,34 @@ def test_each_request_gets_its_own_positions_before_the_edit_at_the_layer(graph:
 def test_listed_positions_pick_across_steps_and_a_recomputed_position_replaces_its_rows(graph: bool) -> None:
     rt = runtime(graph)
     extra = signed({"return_hidden_states": {"layers": [1], "positions": [1, 4]}}, "k")
-    forward(rt, StepBatch(["r"], [0, 3], [0], [3]), {"r": extra}, seed=0)  # positions 0-2
+    first = forward(rt, StepBatch(["r"], [0, 3], [0], [3]), {"r": extra}, seed=0)  # positions 0-2
     forward(rt, StepBatch(["r"], [0, 1], [3], [3]), {"r": extra}, seed=1)  # position 3
     streams = forward(rt, StepBatch(["r"], [0, 1], [4], [3]), {"r": extra}, seed=2)  # position 4
-    got = states(rt, "k")[1]
-    assert got[0] == [1, 4] and torch.equal(got[1][1], streams[1][0])
+    got = states(rt, "k")[1]  # (graph mode: step 0's row was gathered before step 1 overwrote the buffer)
+    assert got[0] == [1, 4] and torch.equal(got[1][0], first[1][1]) and torch.equal(got[1][1], streams[1][0])
     # Preempted and recomputed from position 0: the new rows replace the old ones.
     forward(rt, StepBatch(["r"], [0, 2], [3], [3]), {"r": extra}, seed=3)  # positions 3-4 again
     streams = forward(rt, StepBatch(["r"], [0, 5], [0], [3]), {"r": extra}, seed=4)  # 0-4 again
     got = states(rt, "k")[1]
     assert got[0] == [1, 4] and torch.equal(got[1], streams[1][[1, 4]])
+
+
+def test_rows_that_land_after_their_request_left_expire_with_it() -> None:
+    """On a GPU a copy may land a step after its request left the runner (under graphs a request's
+    last rows are always gathered then). Nobody may fetch them (a client that hung up): they must
+    expire all the same. Here the copy starts once the request has left, as a late one lands."""
+    rt = runtime()
+    now = [0.0]
+    rt.readouts = ReadoutStore(1000, ttl_s=30.0, clock=lambda: now[0])
+    extra = signed({"return_hidden_states": {"layers": [1], "positions": "all"}}, "k")
+    forward(rt, StepBatch(["r"], [0, 3], [0], [3]), {"r": extra}, seed=0)
+    rt.pop_readouts(["k"])  # fetched while live (a hang-up discards it so)
+    rt.plan_step(StepBatch([], [0], [], []), {}, {})  # it has left the runner
+    rt.copies.start(1, torch.zeros(1, D_IN), [("k", torch.tensor([3]), torch.float32)])  # its last row lands
+    rt.plan_step(StepBatch([], [0], [], []), {}, {})
+    now[0] = 31.0
+    rt.plan_step(StepBatch([], [0], [], []), {}, {})
+    assert len(rt.readouts) == 0
 
 
 def test_float16_states_that_would_overflow_fail_the_request_instead_of_turning_inf() -> None:
@@ -209,3 +227,18 @@ def test_a_server_refuses_a_config_that_stops_the_model_early(tmp_path) -> None:
 
     with pytest.raises(SaeServeError, match="hidden_states.stop_after"):
         SteeringService(SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(2,), stop_after=2)))
+
+
+def test_exposed_layers_under_graphs_are_the_configs_and_stop_after_must_come_after_them() -> None:
+    from sae_serve.config import HiddenStatesConfig, SaeServeConfig
+    from sae_serve.engines.vllm_site import _exposed_layers
+    from sae_serve.errors import SaeServeError
+
+    config = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(3,)))
+    assert _exposed_layers(config, {"s": 5}, 8, range(8), graph_mode=False) == (3, 5)
+    assert _exposed_layers(config, {"s": 5}, 8, range(8), graph_mode=True) == (3,)  # a copy per step each
+    assert _exposed_layers(config, {"s": 5}, 8, range(4), graph_mode=False) == (3,)  # a pipeline stage's own
+    stopped = SaeServeConfig(hidden_states=HiddenStatesConfig(layers=(3,), stop_after=4))
+    with pytest.raises(SaeServeError, match="stop_after"):
+        _exposed_layers(stopped, {"s": 5}, 8, range(8), graph_mode=True)
+    assert _exposed_layers(stopped, {}, 8, range(8), graph_mode=False) == (3,)
