@@ -52,13 +52,15 @@ class DecoderStack:
     owner: nn.Module | None = None
     """The module whose ``layers`` they are (vLLM's runs ``layers[start_layer:end_layer]``)."""
 
-    def stop_after(self, index: int) -> None:
-        """Run layers only up to ``index`` (harvesting): vLLM's forward reads ``end_layer``, the
-        same bound pipeline stages use. What the model then samples is meaningless."""
+    def stop_after(self, index: int) -> bool:
+        """Run layers only up to ``index`` (harvesting), where the stack allows it: vLLM's forward
+        reads ``end_layer``, the same bound pipeline stages use (a pipeline stage, or transformers'
+        layers through vLLM's Transformers backend, run them all). What the model samples then is
+        meaningless."""
         if len(self.owned) < len(self.layers) or not isinstance(getattr(self.owner, "end_layer", None), int):
-            raise SaeServeError(f"config hidden_states.stop_after: {self.architecture} cannot stop after a layer here "
-                                "(a pipeline stage, or a decoder stack without vLLM's end_layer)")
+            return False
         self.owner.end_layer = min(self.owner.end_layer, index + 1)  # type: ignore[union-attr]
+        return True
 
     def returns(self, index: int) -> Returns:
         """How to find the residual stream in what layer ``index`` returns (refused when unknown)."""

