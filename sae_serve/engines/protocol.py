@@ -176,7 +176,10 @@ class WorkerReply:
     """By layer: the positions computed since the last fetch."""
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow: dataclasses.asdict copies every element of the value lists one by one, which
+        # cost a reading benchmark 4% of its run (64 requests x 65 tokens x 32 features).
+        return {"error": self.error, "features": {sae: dict(vars(r)) for sae, r in self.features.items()},
+                "guardrails": self.guardrails, "hidden_states": [dict(vars(h)) for h in self.hidden_states]}
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> WorkerReply:

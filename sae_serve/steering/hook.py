@@ -14,6 +14,7 @@ rounding depends on how many rows it has, not on which of them a row is).
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import NamedTuple
 
 import numpy as np
@@ -87,7 +88,10 @@ def _run_segment(x_rows: torch.Tensor, sae: SparseAutoencoder, seg: Segment
 
 
 def _rows(hidden: torch.Tensor, residual: torch.Tensor | None, segs: list[Segment]) -> torch.Tensor:
-    """The unedited stream (hidden + residual) at the rows of ``segs``, in their order."""
+    """The unedited stream (hidden + residual) at the rows of ``segs``, in their order (a copy)."""
+    if all(a.rows.end == b.rows.start for a, b in pairwise(segs)):  # (a slice: no gather)
+        rows = slice(segs[0].rows.start, segs[-1].rows.end)
+        return hidden[rows].clone() if residual is None else hidden[rows] + residual[rows]
     index = torch.from_numpy(np.concatenate([np.arange(s.rows.start, s.rows.end) for s in segs]))
     index = index.to(hidden.device)
     return hidden[index] if residual is None else hidden[index] + residual[index]

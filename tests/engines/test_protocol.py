@@ -80,8 +80,11 @@ def test_wire_records_round_trip_and_merge_across_ranks() -> None:
             WorkerCapabilities.from_workers([same, {**same, "secret_id": other}])
     store = ReadoutStore(max_values=100, ttl_s=10)
     store.add("k", "s", FeatureActivations(torch.tensor([0, 1]), torch.tensor([[3], [4]]), torch.tensor([[.5], [.25]])))
-    wire = store.pop("k").to_wire()
-    assert WorkerReply.from_wire(wire).features["s"].values == [[0.5], [0.25]]
+    store.add_states("k", 2, torch.tensor([1]), torch.ones(1, 3))
+    reply = store.pop("k")
+    wire = reply.to_wire()
+    assert WorkerReply.from_wire(wire) == reply and WorkerReply.from_wire(wire).features["s"].values == [[0.5], [0.25]]
+    assert wire["hidden_states"][0]["shape"] == [1, 3] and wire["features"]["s"]["positions"] == [0, 1]
     merged = merge_replies([{"k": wire}, {"k": WorkerReply().to_wire()}, {}], ["k", "absent"])
     assert merged["k"].features["s"].positions == [0, 1] and merged["absent"] == WorkerReply()
 
