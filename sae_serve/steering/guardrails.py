@@ -66,8 +66,9 @@ class GuardTable:
 
     def observe(self, values: torch.Tensor, watched: list[Watched]) -> None:
         """One step at one site: ``values`` (rows, columns) holds every trigger's values, and each
-        ``Watched`` says which rows and column are its rule's; all rules are updated at once."""
-        m, device = max(w.count for w in watched), self.fired.device
+        ``Watched`` says which rows and column are its rule's; all rules are updated at once, over
+        one flat sequence of each rule's history bits then its rows (no padding to the longest)."""
+        device, n = self.fired.device, sum(w.count for w in watched)
         # Every rule's numbers in one host tensor, copied at once without waiting for the device.
         host = torch.tensor([[w.state.slot, w.state.rule.tokens, w.state.rule.window, w.count, w.row, w.column,
                               w.first_position] for w in watched], dtype=torch.long)
@@ -76,21 +77,25 @@ class GuardTable:
             host, limits = host.pin_memory(), limits.pin_memory()
         host, threshold = host.to(device, non_blocking=True), limits.to(device, non_blocking=True)
         slots, tokens, window, count, row, column, first_position = host.unbind(1)
-        offset = torch.arange(m, device=device)
-        real = offset < count[:, None]  # (g, m): each rule's own rows
-        rows = torch.where(real, row[:, None] + offset, 0)
-        picked = values[rows, column[:, None]]
-        above = (picked.float() > threshold[:, None]) & real
-        seq = torch.cat([self.history[slots], above], dim=1)  # (g, HISTORY + m): each row's bits, oldest first
-        counts = F.pad(seq.long().cumsum(1), (1, 0))
-        ends = torch.arange(HISTORY + 1, HISTORY + 1 + m, device=device)  # one past each watched bit
-        in_window = counts[:, HISTORY + 1:] - counts.gather(1, ends[None, :] - window[:, None])
-        hits = (in_window >= tokens[:, None]) & real
-        first = first_position + hits.int().argmax(1)
+        rule = torch.repeat_interleave(torch.arange(len(watched), device=device), count, output_size=n)
+        start = count.cumsum(0) - count  # each rule's first watched row, in watched-row order
+        offset = torch.arange(n, device=device) - start[rule]  # a row's place among its rule's rows
+        above = values[row[rule] + offset, column[rule]].float() > threshold[rule]
+        # Rule b's bits sit at [block[b], block[b] + HISTORY + count[b]): its history, oldest first, then its rows.
+        block = start + HISTORY * torch.arange(len(watched), device=device)
+        history = block[:, None] + torch.arange(HISTORY, device=device)
+        at = block[rule] + HISTORY + offset
+        seq = torch.zeros(HISTORY * len(watched) + n, dtype=torch.bool, device=device)
+        seq[history] = self.history[slots]
+        seq[at] = above
+        counts = F.pad(seq.long().cumsum(0), (1, 0))
+        hits = counts[at + 1] - counts[at + 1 - window[rule]] >= tokens[rule]  # (a window never leaves its block)
+        never = torch.iinfo(torch.long).max
+        first = torch.full_like(slots, never).scatter_reduce(
+            0, rule, torch.where(hits, first_position[rule] + offset, never), "amin")
         old = self.fired[slots]
-        self.fired[slots] = torch.where(old >= 0, old, torch.where(hits.any(1), first, -1))
-        kept = count[:, None] + torch.arange(HISTORY, device=device)
-        self.history[slots] = seq.gather(1, kept)
+        self.fired[slots] = torch.where(old >= 0, old, torch.where(first < never, first, -1))
+        self.history[slots] = seq[history + count[:, None]]  # each block's last HISTORY bits
 
 
 @dataclass
