@@ -49,7 +49,7 @@ class DecoderStack:
     layers: nn.ModuleList
     owned: frozenset[int]
     """All of them, or a pipeline stage's (the rest are vLLM's placeholders, PPMissingLayer)."""
-    owner: nn.Module | None = None
+    owner: nn.Module
     """The module whose ``layers`` they are (vLLM's runs ``layers[start_layer:end_layer]``)."""
 
     def stop_after(self, index: int) -> bool:
@@ -59,7 +59,7 @@ class DecoderStack:
         meaningless."""
         if len(self.owned) < len(self.layers) or not isinstance(getattr(self.owner, "end_layer", None), int):
             return False
-        self.owner.end_layer = min(self.owner.end_layer, index + 1)  # type: ignore[union-attr]
+        self.owner.end_layer = min(self.owner.end_layer, index + 1)
         return True
 
     def returns(self, index: int) -> Returns:
@@ -92,8 +92,8 @@ def language_model(model: nn.Module) -> nn.Module:
 def decoder_stack(model: nn.Module, architecture: str) -> DecoderStack:
     """``model``'s decoder layers (a vLLM model, or a transformers causal LM for the reference engine)."""
     text = language_model(model)
-    owner = next((found for path in ("model", "") if isinstance(found := _attr_path(text, path), nn.Module)
-                  and isinstance(getattr(found, "layers", None), nn.ModuleList)), None)
+    owner = next((found for found in (getattr(text, "model", None), text)
+                  if isinstance(found, nn.Module) and isinstance(getattr(found, "layers", None), nn.ModuleList)), None)
     if owner is None:
         raise SaeServeError(f"sae_serve cannot find the decoder layers of {architecture} ({type(text).__name__} "
                             "has no model.layers)")
@@ -108,7 +108,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _attr_path(obj: Any, path: str) -> Any:
-    for name in path.split(".") if path else ():
+    for name in path.split("."):
         obj = getattr(obj, name, None)
         if obj is None:
             return None

@@ -21,21 +21,24 @@ import torch
 
 from sae_serve.engines.readouts import ReadoutStore
 
+Part = tuple[str, torch.Tensor, torch.dtype]
+"""One request's share of a layer's rows: its readout key, the positions, the dtype it asked for."""
+
 
 @dataclass(frozen=True)
 class Capture:
     """One layer's hidden states to copy out in a step: ``rows`` of the step (on the device), in
-    ``parts`` (key, positions, dtype) of one request each."""
+    ``parts`` of one request each."""
 
     rows: torch.Tensor
-    parts: list[tuple[str, torch.Tensor, torch.dtype]]
+    parts: list[Part]
 
 
 @dataclass(frozen=True)
 class _InFlight:
     layer: int
     host: torch.Tensor  # (rows, d_model), the model's dtype
-    parts: list[tuple[str, torch.Tensor, torch.dtype]]
+    parts: list[Part]
     landed: torch.cuda.Event | None  # None: already on the host
 
 
@@ -45,10 +48,7 @@ class StateCopies:
     def __init__(self) -> None:
         self._flying: deque[_InFlight] = deque()
 
-    def __len__(self) -> int:
-        return len(self._flying)
-
-    def start(self, layer: int, states: torch.Tensor, parts: list[tuple[str, torch.Tensor, torch.dtype]]) -> None:
+    def start(self, layer: int, states: torch.Tensor, parts: list[Part]) -> None:
         """Copy ``states`` (the gathered rows, a fresh tensor) to the host, without waiting."""
         if states.device.type != "cuda":
             self._flying.append(_InFlight(layer, states, parts, None))
@@ -79,8 +79,9 @@ class StateCopies:
                 rows, start = copy.host[start:end], end
                 delivered.add(key)
                 wanted = rows.to(dtype, copy=True)  # (a copy: the store keeps no part of a step's pinned block)
-                if wanted.isinf().any() and not rows.isinf().any():
-                    store.fail(key, f"the hidden states at layer {copy.layer} exceed {dtype}'s range (this "
+                narrowed = dtype == torch.float16 and rows.dtype != dtype  # (the one cast that can overflow)
+                if narrowed and wanted.isinf().any() and not rows.isinf().any():
+                    store.fail(key, f"the hidden states at layer {copy.layer} exceed float16's range (this "
                                "model's stream holds larger values): ask for return_hidden_states.dtype float32")
                     continue
                 store.add_states(key, copy.layer, positions, wanted)

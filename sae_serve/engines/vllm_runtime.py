@@ -28,7 +28,7 @@ from sae_serve.engines.protocol import (
     secret_id,
 )
 from sae_serve.engines.readouts import ReadoutStore
-from sae_serve.engines.state_copies import Capture, StateBuffers, StateCopies
+from sae_serve.engines.state_copies import Capture, Part, StateBuffers, StateCopies
 from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
@@ -220,7 +220,7 @@ class SteeringRuntime:
 
     def _captures(self, live: list[_Live], layout: list[RequestRows]) -> dict[int, Capture]:
         """Per layer, the step's rows whose hidden states a request reads, grouped by request."""
-        wanted: dict[int, tuple[list[int], list[tuple[str, torch.Tensor, torch.dtype]]]] = {}
+        wanted: dict[int, tuple[list[int], list[Part]]] = {}
         for request, rows in zip(live, layout, strict=True):
             hidden = request.hidden
             if hidden is None or request.key is None:
