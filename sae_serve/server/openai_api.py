@@ -15,6 +15,7 @@ is unsigned, and the workers ignore it.
 """
 
 
+import asyncio
 import json
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +30,14 @@ from sae_serve.config import config_from_env
 from sae_serve.engines.protocol import PREFIX
 from sae_serve.engines.vllm_releases import replace_route
 from sae_serve.errors import PolicyError, SpecError, WorkerError
-from sae_serve.server.service import GUARDRAIL_STOP, Collected, SteeringService, hidden_states_json
+from sae_serve.server.fan_out import Part, merge, split, unsplittable
+from sae_serve.server.service import (
+    GUARDRAIL_STOP,
+    Collected,
+    PreparedRequest,
+    SteeringService,
+    hidden_states_json,
+)
 from sae_serve.steering.spec import FeatureReadoutSpec, Guardrail, HiddenStatesSpec, SteeringSpec
 
 STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
@@ -75,46 +83,58 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
 
     async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
         service: SteeringService = raw_request.app.state.sae_serve
-        engine_client = raw_request.app.state.engine_client
         fields = {"steering": request.steering, "return_features": request.return_features,
                   "guardrails": request.guardrails, "return_hidden_states": request.return_hidden_states}
         try:
             prepared = service.prepare(service.parse({k: v for k, v in fields.items() if v is not None}),
-                                       client_salt=request.cache_salt, fan_out=_fan_out(request))
+                                       client_salt=request.cache_salt, fan_out=unsplittable(request))
         except SpecError as exc:
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
-        # A client's own sae_serve* keys beside ours would void the signature: theirs go.
-        xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if not k.startswith(PREFIX)}
-        request.vllm_xargs = {**xargs, **prepared.engine.extra_args}
-        request.cache_salt = prepared.engine.cache_salt
         if prepared.aborts and (field := _structured(request)) is not None:  # a grammar refuses an early EOS: a 500
             return _error(400, f"{field} cannot be combined with guardrails that abort (this server's own "
                           "included): the grammar would refuse the end of sequence an abort emits", field)
-        try:
-            response = await vllm_handler(request, raw_request)
-        except BaseException:
-            await service.discard(engine_client, prepared)
-            raise
-        if isinstance(response, StreamingResponse):
-            response.body_iterator = _with_sae(response.body_iterator, service, prepared, engine_client)
-            return response
-        if not isinstance(response, JSONResponse) or response.status_code != 200:
-            await service.discard(engine_client, prepared)
-            return response
-        body = json.loads(response.body)
-        try:
-            collected = await service.collect(engine_client, prepared)
-        except WorkerError as exc:
-            return _error(500, str(exc), None)
-        if (sae := service.response_object(prepared, collected)) is not None:
-            body["sae"] = sae
-        _mark_aborted(body, collected, service)
-        return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
-                                                   if k.lower() not in ("content-length", "content-type")})
+        parts = split(request) if prepared.per_sequence else [Part(request, 0, 0)]
+        each = service.admit_sequences(prepared, len(parts), request.cache_salt)
+        answers = [_answer(vllm_handler, part.request, raw_request, one) for part, one in zip(parts, each, strict=True)]
+        if len(parts) == 1:
+            return await answers[0]
+        return await merge(parts, await asyncio.gather(*answers, return_exceptions=True))
 
     return route
+
+
+async def _answer(vllm_handler: Callable[..., Awaitable[Response]], request: Any, raw_request: Request,
+                  prepared: PreparedRequest) -> Response | None:
+    """vLLM's answer to one admitted request, with its ``sae`` object (and content_filter endings)."""
+    service: SteeringService = raw_request.app.state.sae_serve
+    engine_client = raw_request.app.state.engine_client
+    # A client's own sae_serve* keys beside ours would void the signature: theirs go.
+    xargs = {k: v for k, v in (request.vllm_xargs or {}).items() if not k.startswith(PREFIX)}
+    request.vllm_xargs = {**xargs, **prepared.engine.extra_args}
+    request.cache_salt = prepared.engine.cache_salt
+    try:
+        response = await vllm_handler(request, raw_request)
+    except BaseException:
+        await service.discard(engine_client, prepared)
+        raise
+    if isinstance(response, StreamingResponse):
+        response.body_iterator = _with_sae(response.body_iterator, service, prepared, engine_client)
+        return response
+    if not isinstance(response, JSONResponse) or response.status_code != 200:
+        await service.discard(engine_client, prepared)
+        return response
+    body = json.loads(response.body)
+    try:
+        collected = await service.collect(engine_client, prepared)
+    except WorkerError as exc:
+        return _error(500, str(exc), None)
+    if (sae := service.response_object(prepared, collected)) is not None:
+        body["sae"] = sae
+    _mark_aborted(body, collected, service)
+    return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
+                                               if k.lower() not in ("content-length", "content-type")})
 
 
 def _mark_aborted(body: dict[str, Any], collected: Collected, service: SteeringService) -> None:
@@ -135,16 +155,6 @@ def _structured(request: Any) -> str | None:
     if getattr(request, "tools", None) and tool_choice not in (None, "none", "auto"):
         return "tool_choice"
     return None
-
-
-def _fan_out(request: Any) -> dict[str, int]:
-    """The fields under which vLLM runs several sequences for one request."""
-    prompt = getattr(request, "prompt", None)
-    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else 1
-    embeds = getattr(request, "prompt_embeds", None)  # vLLM runs each as one more sequence
-    if embeds is not None:
-        prompts = (prompts if prompt else 0) + (len(embeds) if isinstance(embeds, list) else 1)
-    return {"n": request.n or 1, "prompt": prompts, "use_beam_search": int(bool(request.use_beam_search))}
 
 
 async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepared: Any,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -42,6 +42,8 @@ class PreparedRequest:
     """What the engine needs for one request, and what the response reports."""
 
     engine: EngineRequest
+    spec: RequestSpec
+    """What was admitted (the server's rules included): each sequence of the request is admitted alike."""
     applied: tuple[AppliedIntervention, ...]
     readout_sae: str | None
     guarded: bool = False
@@ -53,6 +55,8 @@ class PreparedRequest:
     """Some guardrail on it (its own or the server's) may abort it: vLLM must stop on the stop token."""
     reads_states: bool = False
     """It asked for hidden states."""
+    watched: bool = False
+    """Guardrails run on it (its own or the server's)."""
     counted: set[tuple[str, str]] = field(default_factory=set, compare=False)
     """The rules already counted in the metrics (a stream collects several times)."""
     delivered: dict[str | int, int] = field(default_factory=dict, compare=False)
@@ -63,6 +67,12 @@ class PreparedRequest:
     def reads(self) -> bool:
         """Its response carries per-token data (features or hidden states), collected as it goes."""
         return self.readout_sae is not None or self.reads_states
+
+    @property
+    def per_sequence(self) -> bool:
+        """The workers keep state for it per sequence (readouts, guardrail triggers): each sequence
+        of a request that runs several (``n``, a prompt list) needs its own key (``fan_out.py``)."""
+        return self.reads or self.watched
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,8 @@ class SteeringService:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
         policy refuses it) naming the field. Counts steered and refused requests. ``fan_out``: the
         request's fields that make vLLM run several sequences under it, and how many (``n``,
-        ``prompt`` lists, ``use_beam_search``). The server's own guardrails join every request."""
+        ``prompt_embeds`` beside other prompts, ``use_beam_search``) that cannot run as one request per
+        sequence (``fan_out.py``). The server's own guardrails join every request."""
         asked = bool(spec.steering or spec.return_features or spec.guardrails or spec.return_hidden_states)
         if self.server_guardrails:
             spec = spec.model_copy(update={"server_guardrails": self.server_guardrails})
@@ -154,11 +165,19 @@ class SteeringService:
             raise
         for mode in sorted({a.mode for a in resolved.applied} | ({"vector"} if resolved.vectors else set())):
             self.metrics.steered.labels(mode).inc()
-        return PreparedRequest(admit(spec, client_salt), resolved.applied,
+        return PreparedRequest(admit(spec, client_salt), spec, resolved.applied,
                                spec.return_features.sae if spec.return_features else None,
                                guarded=bool(spec.guardrails), asked=asked,
                                aborts=any(rule.action == "abort" for rule in resolved.guardrails),
-                               reads_states=resolved.hidden is not None)
+                               reads_states=resolved.hidden is not None, watched=bool(resolved.guardrails))
+
+    @staticmethod
+    def admit_sequences(prepared: PreparedRequest, count: int, client_salt: str | None) -> list[PreparedRequest]:
+        """``prepared`` and ``count - 1`` more admissions of its spec, each under its own readout key:
+        one per sequence of a request that runs several as separate engine requests."""
+        again = (replace(prepared, engine=admit(prepared.spec, client_salt), counted=set(), delivered={})
+                 for _ in range(count - 1))
+        return [prepared, *again]
 
     def ended_by_guardrail(self, collected: Collected, finish_reason: str | None, stop_reason: object) -> bool:
         """Whether an output that finished so was ended by an abort rule (``WorkerCapabilities``)."""
@@ -190,7 +209,7 @@ class SteeringService:
                                     f"them as separate requests, or drop {asked}")
             if resolved.guardrails and sequences > 1:
                 raise SpecError(name, f"guardrails watch one sequence (this server's own too), and this asks for "
-                                f"{sequences}: send them as separate requests")
+                                f"{sequences} at once: send them as separate requests")
         if self.capabilities is not None:
             self.capabilities.check(resolved, self.limits)
 

@@ -104,6 +104,28 @@ def test_the_servers_own_rule_applies_unseen_to_requests_that_name_none(guarded)
     assert "".join(e["choices"][0]["text"] for e in events) == warlike["choices"][0]["text"]
 
 
+def test_each_sequence_of_n_and_prompt_lists_is_watched_alone(guarded) -> None:
+    """n and prompt lists run one engine request per sequence (fan_out.py): each choice is watched by
+    its own rules and the server's as if it were sent alone, in one response and in one stream."""
+    alone = {p: complete(guarded, prompt=p, **rule("flag")).json() for p in (PROMPT, WAR)}
+    both = complete(guarded, prompt=[PROMPT, WAR], n=2, **rule("flag")).json()
+    events = stream(guarded, prompt=[PROMPT, WAR], n=2, stream_options={"include_usage": True}, **rule("flag"))
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2, 3] and "sae" not in both
+    assert [alone[p]["choices"][0]["finish_reason"] for p in (PROMPT, WAR)] == ["length", "content_filter"]
+    for choice, prompt in zip(both["choices"], [PROMPT, PROMPT, WAR, WAR], strict=True):
+        solo = alone[prompt]
+        assert choice["text"] == solo["choices"][0]["text"]
+        assert choice["finish_reason"] == solo["choices"][0]["finish_reason"]
+        assert choice["sae"]["guardrails"] == solo["sae"]["guardrails"]
+        mine = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+        assert mine[-1]["sae"]["guardrails"] == choice["sae"]["guardrails"]
+    assert both["usage"]["prompt_tokens"] == sum(alone[p]["usage"]["prompt_tokens"] for p in alone)
+    assert both["usage"]["completion_tokens"] == 2 * sum(alone[p]["usage"]["completion_tokens"] for p in alone)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == both["usage"]
+
+
 def test_bad_or_forbidden_rules_are_refused_naming_the_field(guarded) -> None:
     steer = {**rule("steer")["guardrails"][0], "steering": {"interventions": [
         {"sae": "layer15", "feature": "military", "mode": "clamp", "multiple_of_max": 3.0}]}}
@@ -111,7 +133,7 @@ def test_bad_or_forbidden_rules_are_refused_naming_the_field(guarded) -> None:
              (rule("abort", {"probe": "nope", "above": {"value": 1}}), 400, "guardrails[0].when.probe"),
              (rule("abort", {**FRENCH, "tokens": 4, "window": 2}), 400, "guardrails[0].when"),
              ({"guardrails": "all of them"}, 400, "guardrails"),
-             ({"n": 2}, 400, "n"),  # the server's own rule watches one sequence per request
+             ({"use_beam_search": True}, 400, "use_beam_search"),  # its own params: the rules would not run
              ({"response_format": {"type": "json_object"}}, 400, "response_format")]  # its grammar vs the stop
     for extra, status, field in cases:
         response = complete(guarded, **extra)

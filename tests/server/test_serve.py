@@ -93,6 +93,39 @@ def test_stream_chunks_carry_the_activations_of_their_tokens(client) -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_each_choice_of_n_carries_its_own_activations(client) -> None:
+    """n > 1 with a readout runs one engine request per choice (fan_out.py): each choice's own `sae`
+    holds its tokens' activations, as a request for that choice alone gets them, streamed or not."""
+    c, model = client
+    body = {**FRENCH, "return_features": {"sae": "layer15", "top_k": 2}}
+    messages = [{"role": "user", "content": "Say something about the sea."}]
+    ask = {"model": model, "messages": messages, "max_tokens": 5, "temperature": 0, "extra_body": body}
+    alone = c.chat.completions.create(**ask)
+    both = c.chat.completions.create(**ask, n=2)
+    chunks = list(c.chat.completions.create(**ask, n=2, stream=True, stream_options={"include_usage": True}))
+    want = alone.model_extra["sae"]
+
+    def activations(tokens: list[dict]) -> tuple[list[int], torch.Tensor]:
+        return [t["position"] for t in tokens], torch.tensor([[f["activation"] for f in t["features"]] for t in tokens])
+
+    assert "sae" not in (both.model_extra or {}) and [ch.index for ch in both.choices] == [0, 1]
+    assert both.usage.prompt_tokens == alone.usage.prompt_tokens
+    assert both.usage.completion_tokens == 2 * alone.usage.completion_tokens
+    assert chunks[-1].usage.model_dump() == both.usage.model_dump()
+    for i, choice in enumerate(both.choices):
+        assert choice.message.content == alone.choices[0].message.content
+        assert choice.model_extra["sae"]["applied"] == want["applied"]
+        streamed = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == i]
+        assert "".join(part.delta.content or "" for part in streamed) == choice.message.content
+        saes = [part.model_extra["sae"] for part in streamed if (part.model_extra or {}).get("sae")]
+        wanted = activations(want["features"]["tokens"])
+        streamed_tokens = [t for s in saes for t in s["features"]["tokens"]]
+        for got in (choice.model_extra["sae"]["features"]["tokens"], streamed_tokens):
+            positions, values = activations(got)
+            assert positions == wanted[0]
+            torch.testing.assert_close(values, wanted[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"steering": {"interventions": [{"sae": "layer15", "feature": "nope", "mode": "add", "value": 1}]}},
      "steering.interventions[0].feature"),

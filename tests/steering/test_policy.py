@@ -140,13 +140,17 @@ def test_readouts_are_bounded_up_front_and_one_per_request(tmp_path) -> None:
         service.prepare(RequestSpec.model_validate({"return_features": {"sae": "l1", "features": list(range(9))}}))
     assert info.value.field == "return_features.features"
     read = RequestSpec.model_validate({"return_features": {"sae": "l1", "top_k": 2}})
-    for field in ("n", "prompt"):  # several sequences would share one readout
-        with pytest.raises(SpecError) as info:
-            service.prepare(read, fan_out={"n": 1, "prompt": 1, field: 2})
-        assert info.value.field == field
+    with pytest.raises(SpecError) as info:  # prompt_embeds beside other prompts do not split (fan_out.py)
+        service.prepare(read, fan_out={"prompt_embeds": 2, "use_beam_search": 0})
+    assert info.value.field == "prompt_embeds"
+    prepared = service.prepare(read, fan_out={"prompt_embeds": 1, "use_beam_search": 0})
+    each = service.admit_sequences(prepared, 3, None)  # n=3: three sequences, three readouts
+    assert each[0] is prepared and len({p.engine.key for p in each}) == 3
+    assert len({p.engine.cache_salt for p in each}) == 3  # each reads its own prompt computed
+    assert {p.engine.spec_json for p in each} == {prepared.engine.spec_json}
     steer = RequestSpec.model_validate(
         {"steering": {"interventions": [{"sae": "l1", "feature": 1, "mode": "add", "value": 1.0}]}})
-    assert service.prepare(steer, fan_out={"n": 3, "prompt": 2}) is not None  # each sequence is steered
+    assert service.prepare(steer, fan_out={"prompt_embeds": 3}) is not None  # each sequence is steered
     with pytest.raises(SpecError) as info:  # vLLM's beam search drops the request's extra_args
         service.prepare(steer, fan_out={"use_beam_search": 1})
     assert info.value.field == "use_beam_search"
