@@ -41,8 +41,12 @@ class OpConfig(BaseModel):
     """Use the fixed-shape op (persistent tables, CUDA-graph shapes) for requests that fit it;
     the rest take the segment path. With CUDA graphs the fixed op is the only one."""
     slots: int = Field(default=16, ge=1, le=1024)
-    """Features one request may edit and read on one SAE in the fixed-shape op. With CUDA graphs
-    the servers refuse more; otherwise such a request takes the segment path."""
+    """Features one request may edit and read on one SAE in the fixed-shape op (its guardrails'
+    triggers and edits included). With CUDA graphs the servers refuse more; otherwise such a request
+    takes the segment path."""
+    guard_lanes: int = Field(default=4, ge=0, le=64)
+    """Guardrail triggers one request may have read at one SAE in the fixed-shape op (its own rules
+    and the server's). 0: no guardrails on that op (with CUDA graphs, none at all)."""
 
 
 class HiddenStatesConfig(BaseModel):
@@ -72,6 +76,9 @@ class LimitsConfig(BaseModel):
     max_hidden_state_bytes: int = Field(default=4 * 2**20, ge=1)
     """Bytes of hidden states one request may get back: layers times positions (the model's context
     length for ``all``) times d_model times the dtype's size. More is refused up front (400)."""
+    max_sequences: int = Field(default=64, ge=1)
+    """Sequences (``n`` x prompts) one request that reads or is watched may run: each is its own
+    engine request, with its own readout within the limits above and its own prompt computation."""
     readout_ttl_s: float = Field(default=30.0, gt=0, le=3600)
     """Seconds a finished request's readout waits on the workers to be fetched, then is dropped."""
 

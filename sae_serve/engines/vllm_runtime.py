@@ -33,7 +33,7 @@ from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
 from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
-from sae_serve.steering.guardrails import GuardState, GuardTable, release
+from sae_serve.steering.guardrails import GuardState, GuardTable, GuardTableFull, release
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
 from sae_serve.steering.spec import Guardrail, RequestSpec, ResolvedHiddenStates, resolve
@@ -101,6 +101,8 @@ class SteeringRuntime:
     hidden_layers: tuple[int, ...] = ()  # the layers whose hidden states requests may read (this stage's)
     d_model: int = 0
     device: torch.device | None = None  # the model's (None: the SAEs', else the CPU)
+    lanes: int = 0  # guardrail lanes of the fixed op's tables (``_prepare_ops`` sets them)
+    sampler_stops: bool = True  # the runner's sampler is wrapped to stop aborted requests (V1)
     resolved: dict[str, _Live] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
@@ -121,7 +123,8 @@ class SteeringRuntime:
 
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
-                                  self.speculative, self.stop_token, self.pipeline, self.hidden_layers, self.d_model)
+                                  self.speculative, self.stop_token, self.pipeline, self.hidden_layers, self.d_model,
+                                  self.lanes, self.sampler_stops)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""
@@ -172,8 +175,15 @@ class SteeringRuntime:
             if key is not None:
                 self.readouts.fail(key, f"a worker could not run the admitted spec: {exc}")
             return _Live(key, {})
-        plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes,
-                            table=self.guard_table)
+        try:
+            plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes,
+                                table=self.guard_table)
+        except GuardTableFull as exc:
+            self._reject("unrunnable")
+            logger.error("request %s: %s", req_id, exc)
+            if key is not None:
+                self.readouts.fail(key, str(exc))
+            return _Live(key, {})
         states = guard_states(plans)
         if key is not None:
             self.readouts.guard(key, states)

@@ -23,17 +23,22 @@ from sae_serve.engines.protocol import deployment_secret
 from sae_serve.engines.readouts import ReadoutStore
 from sae_serve.engines.state_copies import StateBuffers
 from sae_serve.engines.vllm_runtime import SteeringRuntime
-from sae_serve.errors import SaeServeError, first_field_error
+from sae_serve.errors import SaeServeError, SpecError, first_field_error
 from sae_serve.metrics import SilentMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, build_registry
 from sae_serve.steering.fixed import Capacity, FixedTables
-from sae_serve.steering.guardrails import eos_token
+from sae_serve.steering.guardrails import GuardTable, eos_token
+from sae_serve.steering.spec import MAX_GUARDRAILS, RequestSpec, resolve
 
 logger = logging.getLogger(__name__)
 
 # The compiled graph can carry only tensors and ints to the op, so the op finds its runtime
 # through this process-local table, filled when a model is loaded.
 _SITES: dict[int, tuple[SteeringRuntime, LoadedSae | None, int | None]] = {}
+
+GUARD_STATES_PER_SEQUENCE = 8
+"""Rule states the fixed op's table holds per running sequence and rule: finished and preempted
+requests keep theirs until their answer is fetched, so the table holds several generations."""
 
 
 @torch.library.custom_op("sae_serve::steer_", mutates_args=("hidden",))
@@ -135,12 +140,13 @@ def _first_rank() -> bool:
     return get_tensor_model_parallel_rank() == 0
 
 
-def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
+def attach(runner: Any, graph_mode: bool = False, sampler_stops: bool = True) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
     V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
-    every step. Under pipeline parallelism a stage runs the SAEs that read its layers (on its
-    device) and keeps the others' catalogs to resolve requests (their weights in host memory); a
-    stage with none of them steers and reports nothing."""
+    every step. ``sampler_stops``: the caller wraps the runner's sampler to stop aborted requests.
+    Under pipeline parallelism a stage runs the SAEs that read its layers (on its device) and keeps
+    the others' catalogs to resolve requests (their weights in host memory); a stage with none of
+    them steers and reports nothing."""
     config = runner_config(runner)
     if config is None or not (config.saes or config.hidden_states.layers):
         return None
@@ -173,11 +179,15 @@ def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
         speculative=runner.vllm_config.speculative_config is not None,
         stop_token=eos_token(model_config.hf_text_config), server_rules=config.guardrails,
         pipeline=len(stack.owned) < len(stack.layers), hidden_layers=exposed,
-        d_model=model_config.hf_text_config.hidden_size, device=torch.device(runner.device))
-    if config.guardrails and (runtime.graph_mode or runtime.speculative or runtime.pipeline):
-        raise SaeServeError("config guardrails: they run on vLLM's V1 model runner without CUDA graphs, speculative "
-                            "decoding or pipeline parallelism (enforce_eager, VLLM_USE_V2_MODEL_RUNNER=0)")
+        d_model=model_config.hf_text_config.hidden_size, device=torch.device(runner.device),
+        sampler_stops=sampler_stops)
     _prepare_ops(runtime, runner, config)
+    if config.guardrails:  # the server's own rules run on every request, or the server does not start
+        try:
+            runtime.capabilities().check(resolve(RequestSpec(server_guardrails=list(config.guardrails)),
+                                                 runtime.registry), config.limits)
+        except SpecError as exc:
+            raise SaeServeError(f"config guardrails: {exc}") from None
     for index in op_layers:  # the first op at an exposed layer copies its hidden states out, before any edit
         here = [runtime.registry.saes[name] for name in sorted(local) if layers[name] == index]
         for j, loaded in enumerate(here or [None]):
@@ -236,12 +246,21 @@ def _prepare_ops(runtime: SteeringRuntime, runner: Any, config: SaeServeConfig) 
                                              runner.model_config.dtype, runtime.device)
     if not (config.op.fixed_shapes or runtime.graph_mode):
         return
-    capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs)
+    rules = bool(config.guardrails or config.policy.guardrail_actions) and not (runtime.speculative or runtime.pipeline)
+    capacity = Capacity(sched.max_num_batched_tokens, config.op.slots, sched.max_num_seqs,
+                        config.op.guard_lanes if rules else 0)
     topk = [name for name, sae in runtime.saes.items() if sae.cfg.architecture == "topk"]
     if runtime.graph_mode and topk:
         raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: CUDA graphs cannot run "
                             "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
-    runtime.tables = {name: FixedTables(sae, capacity) for name, sae in runtime.saes.items() if name not in topk}
+    if capacity.lanes:  # the op's rule table keeps its address (CUDA graphs captured it): sized, never grown
+        states = GUARD_STATES_PER_SEQUENCE * sched.max_num_seqs * (MAX_GUARDRAILS + len(config.guardrails))
+        runtime.guard_table = GuardTable(runtime.device, states, growable=False)
+        runtime.lanes = capacity.lanes
+    probes = runtime.registry.probes.values()
+    runtime.tables = {name: FixedTables(sae, capacity, runtime.guard_table if capacity.lanes else None,
+                                        [p for p in probes if p.sae == name])
+                      for name, sae in runtime.saes.items() if name not in topk}
 
 
 # --- worker methods, called by name through vLLM's collective_rpc (they work across processes) ---

@@ -96,7 +96,7 @@ def patch_v2_runner() -> None:
 
     def load_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         original(self, *args, **kwargs)
-        self._sae_serve = attach(self, graph_mode=True)
+        self._sae_serve = attach(self, graph_mode=True, sampler_stops=False)
         if self._sae_serve is not None:
             self.model_state = SteeringModelState(self.model_state, self._sae_serve)
 

@@ -6,19 +6,21 @@ guardrails belong to one sequence. Such a request is sent to vLLM's handler as o
 sequence (``n`` = 1, child ``j`` seeded ``seed + j`` as vLLM seeds its children), each admitted under
 its own readout key, and the answers are merged back into the response the client asked for:
 choices in vLLM's order (prompt-major, then ``n``), each with its own ``sae`` object, one usage.
-vLLM's V1 engine runs the children of ``n`` as independent requests too, so the engine does the
-same work either way.
+vLLM's V1 engine runs the children of ``n`` as independent requests too; what differs is the
+prompt, which each sequence that reads or is watched computes itself (its own cache salt: its
+readout and rules must see it computed), so ``limits.max_sequences`` bounds how many.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTasks
 
 
 @dataclass(frozen=True)
@@ -42,19 +44,35 @@ def _prompts(request: Any) -> list[Any] | None:
 
 def unsplittable(request: Any) -> dict[str, int]:
     """The fields that run several sequences this module does not split, and how many: beam search
-    (vLLM builds its own sampling params), and ``prompt_embeds`` beside other prompts."""
+    (vLLM builds its own sampling params), ``prompt_embeds`` beside other prompts, and a
+    disaggregated prefill's ``kv_transfer_params`` (one transfer, not one per sequence)."""
     embeds = getattr(request, "prompt_embeds", None)
     sequences = 0
     if embeds is not None:
         texts = len(_prompts(request) or ()) or (1 if getattr(request, "prompt", None) else 0)
         sequences = texts + (len(embeds) if isinstance(embeds, list) else 1)
-    return {"prompt_embeds": sequences, "use_beam_search": int(bool(request.use_beam_search))}
+    transfer = sequence_count(request)[1] if getattr(request, "kv_transfer_params", None) else 0
+    return {"prompt_embeds": sequences, "use_beam_search": int(bool(request.use_beam_search)),
+            "kv_transfer_params": transfer}
+
+
+def _splits(request: Any) -> bool:
+    """Whether vLLM would run the request's ``n``: else it is sent whole, for vLLM's own 400
+    (``n`` below 1, or above 1 with greedy sampling)."""
+    n = request.n if request.n is not None else 1
+    return n >= 1 and (n == 1 or request.temperature != 0)
+
+
+def sequence_count(request: Any) -> tuple[str, int]:
+    """How many sequences the request runs, and the field that makes them several."""
+    n, prompts = (request.n or 1) if _splits(request) else 1, len(_prompts(request) or [None])
+    return ("n" if n > 1 else "prompt"), n * prompts
 
 
 def split(request: Any) -> list[Part]:
     """``request`` as one request per sequence (just itself when it runs one)."""
     prompts = _prompts(request) or [None]
-    n = request.n or 1
+    n = (request.n or 1) if _splits(request) else 1
     if n == 1 and len(prompts) == 1:
         return [Part(request, 0, 0)]
     parts = []
@@ -69,20 +87,26 @@ def split(request: Any) -> list[Part]:
     return parts
 
 
+def _summed(values: list[Any]) -> Any:
+    """Usage values added up: numbers summed, objects key by key (None where every value is None)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if isinstance(present[0], dict):
+        return {key: _summed([v.get(key) for v in present if isinstance(v, dict)]) for key in present[0]}
+    return sum(present) if all(isinstance(v, int | float) for v in present) else present[0]
+
+
 def _usage(parts: list[Part], usages: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """The parts' usage as one request's: each prompt's tokens once, every choice's completion."""
     per_prompt: dict[int, dict[str, Any]] = {}
-    completion = 0
     for i, usage in sorted(usages.items()):
         per_prompt.setdefault(parts[i].prompt, usage)
-        completion += usage.get("completion_tokens") or 0
-    prompt = sum(usage.get("prompt_tokens") or 0 for usage in per_prompt.values())
-    merged: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                              "total_tokens": prompt + completion}
-    cached = [details["cached_tokens"] for usage in per_prompt.values()
-              if (details := usage.get("prompt_tokens_details")) and details.get("cached_tokens") is not None]
-    if cached:
-        merged["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    merged = {key: _summed([u.get(key) for u in usages.values()]) for key in next(iter(usages.values()))}
+    for key in ("prompt_tokens", "prompt_tokens_details"):
+        if key in merged:
+            merged[key] = _summed([u.get(key) for u in per_prompt.values()])
+    merged["total_tokens"] = (merged.get("prompt_tokens") or 0) + (merged.get("completion_tokens") or 0)
     return merged
 
 
@@ -96,9 +120,11 @@ def _own_choice(part: Part, body: dict[str, Any]) -> None:
 
 
 def merge_bodies(parts: list[Part], bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """The parts' JSON answers as the one the client asked for."""
+    """The parts' JSON answers as the one the client asked for (vLLM reports no per-request
+    ``metrics`` for several sequences)."""
     merged = {**bodies[0], "choices": []}
     merged.pop("sae", None)
+    merged.pop("metrics", None)
     for part, body in zip(parts, bodies, strict=True):
         _own_choice(part, body)
         merged["choices"] += body["choices"]
@@ -108,12 +134,13 @@ def merge_bodies(parts: list[Part], bodies: list[dict[str, Any]]) -> dict[str, A
 
 
 async def merge_streams(parts: list[Part], streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
-    """The parts' SSE streams as one, events in the order they come: choices renumbered, one id,
-    usage summed (a chunk's running usage over all parts; the usage-only chunk once, at the end),
-    one ``[DONE]``. A part's error event ends the whole stream, as an error ends vLLM's."""
+    """The parts' SSE streams as one, events in the order they come: choices renumbered, one id
+    and creation time, the usage-only chunk once at the end, summed (a choice chunk's running usage
+    stays its own choice's, as vLLM reports it), one ``[DONE]``. A part's error event ends the
+    whole stream, as an error ends vLLM's."""
     usages: dict[int, dict[str, Any]] = {}
     usage_chunk: dict[str, Any] | None = None
-    stream_id: str | None = None
+    first: dict[str, Any] = {}
     pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
     try:
         while pending:
@@ -134,15 +161,13 @@ async def merge_streams(parts: list[Part], streams: list[AsyncIterator[str]]) ->
                         continue
                     body = json.loads(event.removeprefix("data: "))
                     if "error" in body and not body.get("choices"):
-                        yield f"{event}\n\ndata: [DONE]\n\n"
+                        yield "\n\n".join([*out, event, "data: [DONE]"]) + "\n\n"
                         return
-                    stream_id = stream_id or body.get("id")
-                    body["id"] = stream_id
-                    if body.get("usage"):
-                        usages[i] = body["usage"]
-                        body["usage"] = _usage(parts, usages)
+                    for key in ("id", "created"):
+                        body[key] = first.setdefault(key, body.get(key))
+                    body.pop("metrics", None)
                     if not body.get("choices"):  # the usage-only chunk: one, after every part's
-                        usage_chunk = body
+                        usages[i], usage_chunk = body.get("usage") or {}, body
                         continue
                     _own_choice(parts[i], body)
                     out.append("data: " + json.dumps(body))
@@ -159,24 +184,55 @@ async def merge_streams(parts: list[Part], streams: list[AsyncIterator[str]]) ->
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def merge(parts: list[Part], answers: list[Response | BaseException | None]) -> Response | None:
-    """The parts' answers (each already carrying its ``sae`` object) as the client's one: merged
-    when every part succeeded, else the first failure (the other parts dropped)."""
-    def ok(answer: object) -> bool:
-        return isinstance(answer, StreamingResponse) or (isinstance(answer, JSONResponse) and answer.status_code == 200)
+def _ok(answer: object) -> bool:
+    return isinstance(answer, StreamingResponse) or (isinstance(answer, JSONResponse) and answer.status_code == 200)
 
-    failed = [answer for answer in answers if not ok(answer)]
-    if failed:
+
+async def _answers(coros: list[Coroutine[Any, Any, Response | None]]) -> tuple[list[Any], Any]:
+    """Every part's answer, or the first failure as soon as it comes (the parts still running are
+    cancelled: they drop what the workers hold); (answers so far, the failure or None)."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    pending, failure = set(tasks), None
+    try:
+        while pending and failure is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if task in done and failure is None and not task.cancelled() and not _ok(
+                        got := task.exception() or task.result()):
+                    failure = got
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    answers = [task.result() for task in tasks if task.done() and not task.cancelled() and task.exception() is None]
+    return answers, failure
+
+
+def _background(answers: list[Any]) -> BackgroundTasks:
+    """The parts' background tasks (vLLM's server-load count decrements), run by the one answer."""
+    tasks = BackgroundTasks()
+    for answer in answers:
+        if isinstance(answer, Response) and answer.background is not None:
+            tasks.add_task(answer.background)
+    return tasks
+
+
+async def merge(parts: list[Part], coros: list[Coroutine[Any, Any, Response | None]]) -> Response | None:
+    """Run the parts (each answer already carries its ``sae`` object) and answer as the client's
+    one request: merged when every part succeeded, else the first failure."""
+    answers, failure = await _answers(coros)
+    if failure is not None:
         for answer in answers:
             if isinstance(answer, StreamingResponse):
                 await answer.body_iterator.aclose()  # type: ignore[attr-defined]
-        if isinstance(failed[0], BaseException):
-            raise failed[0]
-        return failed[0]
+        await _background([a for a in answers if a is not failure])()
+        if isinstance(failure, BaseException):
+            raise failure
+        return failure
     first = answers[0]
     headers = {k: v for k, v in first.headers.items() if k.lower() not in ("content-length", "content-type")}
     if isinstance(first, StreamingResponse):
-        return StreamingResponse(merge_streams(parts, [a.body_iterator for a in answers]),  # type: ignore[union-attr]
-                                 media_type="text/event-stream", headers=headers)
-    bodies = [json.loads(answer.body) for answer in answers]  # type: ignore[union-attr]
-    return JSONResponse(merge_bodies(parts, bodies), headers=headers)
+        return StreamingResponse(merge_streams(parts, [a.body_iterator for a in answers]),
+                                 media_type="text/event-stream", headers=headers, background=_background(answers))
+    bodies = [json.loads(answer.body) for answer in answers]
+    return JSONResponse(merge_bodies(parts, bodies), headers=headers, background=_background(answers))

@@ -15,7 +15,6 @@ is unsigned, and the workers ignore it.
 """
 
 
-import asyncio
 import json
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +29,7 @@ from sae_serve.config import config_from_env
 from sae_serve.engines.protocol import PREFIX
 from sae_serve.engines.vllm_releases import replace_route
 from sae_serve.errors import PolicyError, SpecError, WorkerError
-from sae_serve.server.fan_out import Part, merge, split, unsplittable
+from sae_serve.server.fan_out import Part, merge, sequence_count, split, unsplittable
 from sae_serve.server.service import (
     GUARDRAIL_STOP,
     Collected,
@@ -87,7 +86,8 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
                   "guardrails": request.guardrails, "return_hidden_states": request.return_hidden_states}
         try:
             prepared = service.prepare(service.parse({k: v for k, v in fields.items() if v is not None}),
-                                       client_salt=request.cache_salt, fan_out=unsplittable(request))
+                                       client_salt=request.cache_salt, fan_out=unsplittable(request),
+                                       sequences=sequence_count(request))
         except SpecError as exc:
             return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
         if prepared is None:
@@ -100,7 +100,7 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
         answers = [_answer(vllm_handler, part.request, raw_request, one) for part, one in zip(parts, each, strict=True)]
         if len(parts) == 1:
             return await answers[0]
-        return await merge(parts, await asyncio.gather(*answers, return_exceptions=True))
+        return await merge(parts, answers)  # type: ignore[return-value]
 
     return route
 
@@ -197,7 +197,8 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                 events[i] = "data: " + json.dumps(body)
             yield "\n\n".join(events)
     finally:
-        if not finished:  # the client hung up, or the stream failed: drop what the workers hold
+        if not finished:  # the client hung up, or the stream failed: end vLLM's request, drop what the workers hold
+            await chunks.aclose()  # type: ignore[attr-defined]
             await service.discard(engine_client, prepared)
 
 

@@ -136,13 +136,14 @@ class SteeringService:
             err = exc.errors()[0]
             raise SpecError(field_path(err["loc"]), err["msg"]) from None
 
-    def prepare(self, spec: RequestSpec, client_salt: str | None = None,
-                fan_out: dict[str, int] | None = None) -> PreparedRequest | None:
+    def prepare(self, spec: RequestSpec, client_salt: str | None = None, fan_out: dict[str, int] | None = None,
+                sequences: tuple[str, int] = ("n", 1)) -> PreparedRequest | None:
         """None for a request that neither steers nor reads; raises SpecError (PolicyError when the
         policy refuses it) naming the field. Counts steered and refused requests. ``fan_out``: the
         request's fields that make vLLM run several sequences under it, and how many (``n``,
         ``prompt_embeds`` beside other prompts, ``use_beam_search``) that cannot run as one request per
-        sequence (``fan_out.py``). The server's own guardrails join every request."""
+        sequence (``fan_out.py``); ``sequences``: how many it runs, as one request each when it reads
+        or is watched, and the field that asks for them. The server's own guardrails join every request."""
         asked = bool(spec.steering or spec.return_features or spec.guardrails or spec.return_hidden_states)
         if self.server_guardrails:
             spec = spec.model_copy(update={"server_guardrails": self.server_guardrails})
@@ -159,7 +160,7 @@ class SteeringService:
         if resolved.is_empty:
             return None
         try:
-            self._check_capacity(resolved, fan_out or {})
+            self._check_capacity(resolved, fan_out or {}, sequences)
         except SpecError:
             self.metrics.refused.labels("capacity").inc()
             raise
@@ -198,8 +199,13 @@ class SteeringService:
                 raise PolicyError("steering", f"SAE {name!r} may not be steered on this server: its guardrails read "
                                   f"the stream at layer {max(at for _, at in triggers)}, unsteered", forbidden=True)
 
-    def _check_capacity(self, resolved: ResolvedRequest, fan_out: dict[str, int]) -> None:
+    def _check_capacity(self, resolved: ResolvedRequest, fan_out: dict[str, int], sequences: tuple[str, int]
+                        ) -> None:
         """What the workers could not run whole, or could hold only past the limits."""
+        field, count = sequences
+        if count > self.limits.max_sequences and (resolved.readout or resolved.hidden or resolved.guardrails):
+            raise SpecError(field, f"{count} sequences that each read or are watched exceed this server's limit of "
+                            f"{self.limits.max_sequences} per request (config limits.max_sequences)")
         if fan_out.get("use_beam_search"):  # vLLM's beam search builds its own sampling params: unsteered
             raise SpecError("use_beam_search", "steering and return_features do not apply to beam search")
         for name, sequences in fan_out.items():

@@ -21,9 +21,11 @@ import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sae_serve.errors import SaeServeError
 from sae_serve.sae.registry import LinearProbe
 from sae_serve.steering.spec import MAX_WINDOW, ResolvedGuardrail
 
@@ -33,16 +35,27 @@ HISTORY = MAX_WINDOW - 1
 """Watched bits kept per rule (newest last): a window of n reads the last n - 1 of them."""
 
 
-class GuardTable:
-    """The state of every live rule of one engine, on one device; a rule's state is one row (slot)."""
+class GuardTableFull(SaeServeError):
+    """A table that cannot grow (CUDA graphs hold its address) has no free row for a rule."""
 
-    def __init__(self, device: torch.device | str, capacity: int = 64) -> None:
-        self.fired = torch.full((capacity,), -1, dtype=torch.long, device=device)  # position it fired at; -1
-        self.history = torch.zeros((capacity, HISTORY), dtype=torch.bool, device=device)
-        self._free = list(range(capacity - 1, -1, -1))
+
+class GuardTable:
+    """The state of every live rule of one engine, on one device; a rule's state is one row (slot).
+    Row 0 is a sink that no rule owns: the fixed-shape op points its unused lanes there, and its
+    ``fired`` stays -1, so a gate on it never opens. ``growable=False`` (CUDA graphs, which replay
+    on the tensors they captured) keeps ``capacity`` rows and refuses a rule beyond them."""
+
+    def __init__(self, device: torch.device | str, capacity: int = 64, growable: bool = True) -> None:
+        self.fired = torch.full((capacity + 1,), -1, dtype=torch.long, device=device)  # position it fired at; -1
+        self.history = torch.zeros((capacity + 1, HISTORY), dtype=torch.bool, device=device)
+        self.growable = growable
+        self._free = list(range(capacity, 0, -1))
 
     def allocate(self, rule: ResolvedGuardrail) -> GuardState:
         if not self._free:
+            if not self.growable:
+                raise GuardTableFull(f"every one of this worker's {len(self.fired) - 1} guardrail states is in use "
+                                     "(finished requests hold theirs until fetched); try again shortly")
             self._grow()
         slot = self._free.pop()
         self.fired[slot] = -1
@@ -147,6 +160,7 @@ class GuardPlan:
     mult: torch.Tensor | None  # steer: (m,) over the plan's features, 1 outside the rule's edit
     offset: torch.Tensor | None  # steer: (m,), 0 outside the rule's edit
     vector: torch.Tensor | None  # steer: (d_in,) summed steering vectors
+    host: tuple[np.ndarray, np.ndarray] | None = None  # steer: ``mult``, ``offset`` on the host (for the fixed op)
 
     @property
     def steers(self) -> bool:

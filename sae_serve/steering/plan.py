@@ -23,7 +23,7 @@ import torch
 
 from sae_serve.sae.model import FeatureSubset, SparseAutoencoder
 from sae_serve.sae.registry import LinearProbe
-from sae_serve.steering.guardrails import GuardPlan, GuardState, GuardTable
+from sae_serve.steering.guardrails import GuardPlan, GuardState, GuardTable, GuardTableFull
 from sae_serve.steering.spec import Positions, ResolvedRequest
 
 
@@ -99,14 +99,14 @@ def _guard_plan(sae_name: str, state: GuardState, column: dict[int, int], sae: S
     edit, vector = rule.edits.get(sae_name), rule.vectors.get(sae_name)
     if not here and edit is None and vector is None:
         return None
-    mult = offset = None
+    mult = offset = host = None
     if edit is not None:
-        mult, offset = torch.ones(m), torch.zeros(m)
+        host = np.ones(m), np.zeros(m)
         for f, a, c in zip(edit.features, edit.mult, edit.offset, strict=True):
-            mult[column[f]], offset[column[f]] = a, c
-        mult, offset = (t.to(device=sae.W_dec.device, dtype=sae.dtype) for t in (mult, offset))
+            host[0][column[f]], host[1][column[f]] = a, c
+        mult, offset = (torch.tensor(t, device=sae.W_dec.device, dtype=sae.dtype) for t in host)
     return GuardPlan(state, here, probes[rule.probe] if here and rule.probe is not None else None, mult, offset,
-                     None if vector is None else vector.to(device=sae.W_dec.device, dtype=sae.dtype))
+                     None if vector is None else vector.to(device=sae.W_dec.device, dtype=sae.dtype), host)
 
 
 def prepare(sae_name: str, req: ResolvedRequest | None, sae: SparseAutoencoder, slices: bool = True,
@@ -154,7 +154,13 @@ def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencode
     rules = [rule for rule in (req.guardrails if req else ()) if rule.site in saes]
     if rules and table is None:
         table = GuardTable(saes[rules[0].site].W_dec.device)
-    states = [table.allocate(rule) for rule in rules] if table is not None else []
+    states: list[GuardState] = []
+    for rule in rules if table is not None else ():
+        try:
+            states.append(table.allocate(rule))  # type: ignore[union-attr]
+        except GuardTableFull:
+            table.release(states)  # type: ignore[union-attr]
+            raise
     plans = {name: prepare(name, req, sae, slices, states, probes) for name, sae in saes.items()}
     return {name: plan for name, plan in plans.items() if plan is not None}
 

@@ -195,3 +195,85 @@ def test_the_v1_runner_takes_the_graph_path_whenever_it_replays_cuda_graphs(devi
     compilation = config.CompilationConfig(cudagraph_mode=config.CUDAGraphMode[mode])
     runner = SimpleNamespace(device=torch.device(device), vllm_config=SimpleNamespace(compilation_config=compilation))
     assert replays_cuda_graphs(runner) is replays
+
+
+# --- guardrails on the graph path: trigger lanes, the rule table and gated edits inside the op ---
+STOP = 2  # the stop token an abort rule makes the sampler emit
+
+
+def _rule(rng: random.Random, name: str) -> dict:
+    """A random rule: a feature or the probe, k of the last n, any scope, flag / abort / steer."""
+    when = rng.choice([{"sae": "s", "feature": rng.choice([3, 11, 40])}, {"probe": "p"}])
+    window = rng.choice([1, 2, 3, 5])
+    when.update(above={"value": rng.uniform(0.0, 1.5)}, window=window, tokens=rng.randint(1, window),
+                positions=rng.choice(["all", "prompt", "generated"]))
+    rule = {"name": name, "when": when, "action": rng.choice(["flag", "abort", "steer"])}
+    if rule["action"] == "steer":
+        rule["steering"] = rng.choice([
+            {"interventions": [{"sae": "s", "feature": rng.choice([5, 11]), "mode": "clamp", "value": 6.0}]},
+            {"vectors": [{"name": "v", "coefficient": 2.0}]}])
+    return rule
+
+
+def _guard_runtime(reg, graph_mode: bool) -> SteeringRuntime:
+    from sae_serve.steering.guardrails import GuardTable
+
+    runtime = SteeringRuntime(reg, SECRET, graph_mode=graph_mode, stop_token=STOP)
+    if graph_mode:
+        runtime.guard_table = GuardTable(DEVICE, 64, growable=False)
+        runtime.lanes = 2
+        runtime.tables = {"s": FixedTables(reg.saes["s"].sae, Capacity(tokens=ROWS, slots=4, requests=8, lanes=2),
+                                           runtime.guard_table, [reg.probes["p"]])}
+    return runtime
+
+
+def test_guardrails_fire_steer_and_stop_on_the_graph_path_as_on_the_eager_one() -> None:
+    """Requests with random rules (the probe's and features', k of n over several steps, prefill
+    chunks then decodes, a preempted request recomputing rows it was watched on) run through the
+    captured op and through the eager segment path: every step's rows, the stops and the positions
+    where rules fired must agree."""
+    from sae_serve.sae.registry import LinearProbe
+
+    reg = registry("jumprelu")
+    sae = reg.saes["s"].sae.to(DEVICE)
+    reg.probes["p"] = LinearProbe("p", "s", (sae.W_dec[3] / sae.W_dec[3].norm()).to(DEVICE), -0.5, False)
+    graph_rt, eager_rt = _guard_runtime(reg, True), _guard_runtime(reg, False)
+    op = CapturedOp(bind_site(graph_rt, reg.saes["s"]))
+    rng = random.Random(7)
+    fired_any = set()
+    for trial in range(6):
+        ids = [f"g{trial}-{i}" for i in range(4)]
+        specs = [{"guardrails": [_rule(rng, f"r{i}-{j}") for j in range(rng.randint(1, 2))]} for i in range(3)]
+        specs[0]["return_features"] = {"sae": "s", "features": [5, 11]}
+        specs.append(None)  # a plain neighbour
+        extra = {rid: admit(RequestSpec.model_validate(spec), secret=SECRET, key=rid).extra_args if spec else None
+                 for rid, spec in zip(ids, specs, strict=True)}
+        prompt_lens, computed = [rng.randint(3, 8) for _ in ids], [0] * len(ids)
+        for step in range(8):
+            lengths = [min(rng.randint(1, 4), p - c) if c < p else 1
+                       for p, c in zip(prompt_lens, computed, strict=True)]
+            if step == 4:  # request 1 is preempted and recomputes from position 1 (rows it was watched on)
+                computed[1], lengths[1] = 1, min(3, computed[1] + lengths[1] - 1)
+            qsl = [0]
+            for length in lengths:
+                qsl.append(qsl[-1] + length)
+            batch = StepBatch(ids, qsl, list(computed), prompt_lens)
+            g = torch.Generator().manual_seed(100 * trial + step)
+            stream = (torch.randn(ROWS, D_IN, generator=g).to(DEVICE) * 2,
+                      torch.randn(ROWS, D_IN, generator=g).to(DEVICE))
+            graph_rt.plan_step(batch, extra, ids)
+            got = op(*stream)
+            eager_rt.plan_step(batch, extra, ids)
+            want = stream[0].clone()
+            eager_rt.apply(reg.saes["s"], want, stream[1])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"trial {trial} step {step}: {specs}")
+            sampled = torch.full((len(ids),), 7, device=DEVICE)
+            assert graph_rt.force_stops(sampled).tolist() == eager_rt.force_stops(sampled).tolist(), (trial, step)
+            computed = [c + n for c, n in zip(computed, lengths, strict=True)]
+        got_replies, want_replies = graph_rt.pop_readouts(ids), eager_rt.pop_readouts(ids)
+        for rid in ids:
+            assert got_replies[rid].guardrails == want_replies[rid].guardrails, (trial, rid, specs)
+            fired_any |= {f["action"] for f in got_replies[rid].guardrails}
+        graph_rt.plan_step(StepBatch([], [0], [], []), {}, [])  # they leave: their rule rows are freed
+        eager_rt.plan_step(StepBatch([], [0], [], []), {}, [])
+    assert fired_any == {"flag", "abort", "steer"}  # every action fired somewhere (the test has teeth)

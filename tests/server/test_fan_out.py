@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from sae_serve.server.fan_out import merge_bodies, merge_streams, split, unsplittable
+from sae_serve.server.fan_out import merge_bodies, merge_streams, sequence_count, split, unsplittable
 
 
 def _request(**fields):
@@ -25,18 +25,27 @@ def test_a_request_splits_prompt_major_with_vllms_child_seeds() -> None:
     one = _request(prompt=[1, 2, 3])  # token ids: one prompt
     assert [p.request for p in split(one)] == [one]
     assert [p.request.prompt for p in split(_request(prompt=[1, 2, 3], n=2))] == [[1, 2, 3]] * 2
-    assert unsplittable(_request(prompt="a", n=4)) == {"prompt_embeds": 0, "use_beam_search": 0}
+    assert unsplittable(_request(prompt="a", n=4)) == {"prompt_embeds": 0, "use_beam_search": 0,
+                                                       "kv_transfer_params": 0}
+    assert sequence_count(_request(prompt=["a", "b"], n=3, temperature=1.0)) == ("n", 6)
+    greedy = _request(prompt="a", n=2, temperature=0)  # vLLM's own 400: sent whole
+    assert [p.request for p in split(greedy)] == [greedy] and sequence_count(greedy) == ("prompt", 1)
+    assert [p.request.n for p in split(_request(prompt="a", n=-1))] == [-1]
 
 
 def test_answers_merge_into_one_with_each_prompts_tokens_counted_once() -> None:
     parts = split(_request(prompt=["a", "b"], n=2))
     bodies = [{"id": f"cmpl-{i}", "choices": [{"index": 0, "text": f"t{i}"}], "sae": {"applied": [], "k": i},
-               "usage": {"prompt_tokens": 5 + 2 * (i // 2), "completion_tokens": i + 1, "total_tokens": 0}}
+               "usage": {"prompt_tokens": 5 + 2 * (i // 2), "completion_tokens": i + 1, "total_tokens": 0,
+                         "prompt_tokens_details": {"cached_tokens": i // 2, "audio": None},
+                         "completion_tokens_details": {"reasoning_tokens": 1}}, "metrics": {"i": i}}
               for i in range(4)]
     merged = merge_bodies(parts, bodies)
-    assert merged["id"] == "cmpl-0" and "sae" not in merged
+    assert merged["id"] == "cmpl-0" and "sae" not in merged and "metrics" not in merged
     assert [(c["index"], c["text"], c["sae"]["k"]) for c in merged["choices"]] == [(i, f"t{i}", i) for i in range(4)]
-    assert merged["usage"] == {"prompt_tokens": 5 + 7, "completion_tokens": 10, "total_tokens": 22}
+    assert merged["usage"] == {"prompt_tokens": 5 + 7, "completion_tokens": 10, "total_tokens": 22,
+                               "prompt_tokens_details": {"cached_tokens": 0 + 1, "audio": None},
+                               "completion_tokens_details": {"reasoning_tokens": 4}}
 
 
 async def _events(i: int, closed: list[int], fail: bool = False, hang: bool = False) -> AsyncIterator[str]:
@@ -70,7 +79,7 @@ def test_streams_merge_renumbered_with_one_usage_and_one_done() -> None:
     events = asyncio.run(run())
     assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
     bodies = [json.loads(e[6:]) for e in events[:-1]]
-    assert {b["id"] for b in bodies} == {"s0"}
+    assert len({b["id"] for b in bodies}) == 1
     final = {c["index"]: c for b in bodies for c in b["choices"] if c.get("finish_reason")}
     assert {i: (c["text"], c["sae"]["k"]) for i, c in final.items()} == {i: (f"b{i}", i) for i in range(3)}
     assert bodies[-1]["choices"] == [] and bodies[-1]["usage"] == {

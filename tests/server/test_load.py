@@ -34,6 +34,9 @@ def _bounded(body: object, model: str, chat: bool) -> None:
     for name in ("n", "best_of", "min_tokens", "prompt_embeds", "structured_outputs", "response_format",
                  "tools", "tool_choice", "logits_processors"):
         body.pop(name, None)
+    for name, value in body.items():  # vLLM 0.32 itself answers some sampling ints of 2**64 with a 500
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:
+            body[name] = 2**31 - 1 if value > 0 else -(2**31)
     if not chat and not body.get("prompt"):
         body["prompt"] = "Hello"
     for name in ("prompt", "messages"):

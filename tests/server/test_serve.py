@@ -99,21 +99,21 @@ def test_each_choice_of_n_carries_its_own_activations(client) -> None:
     c, model = client
     body = {**FRENCH, "return_features": {"sae": "layer15", "top_k": 2}}
     messages = [{"role": "user", "content": "Say something about the sea."}]
-    ask = {"model": model, "messages": messages, "max_tokens": 5, "temperature": 0, "extra_body": body}
-    alone = c.chat.completions.create(**ask)
-    both = c.chat.completions.create(**ask, n=2)
-    chunks = list(c.chat.completions.create(**ask, n=2, stream=True, stream_options={"include_usage": True}))
-    want = alone.model_extra["sae"]
+    ask = {"model": model, "messages": messages, "max_tokens": 5, "temperature": 1.0, "extra_body": body}
+    alone = [c.chat.completions.create(**ask, seed=3 + j) for j in range(2)]  # vLLM seeds child j so
+    both = c.chat.completions.create(**ask, n=2, seed=3)
+    chunks = list(c.chat.completions.create(**ask, n=2, seed=3, stream=True, stream_options={"include_usage": True}))
 
     def activations(tokens: list[dict]) -> tuple[list[int], torch.Tensor]:
         return [t["position"] for t in tokens], torch.tensor([[f["activation"] for f in t["features"]] for t in tokens])
 
     assert "sae" not in (both.model_extra or {}) and [ch.index for ch in both.choices] == [0, 1]
-    assert both.usage.prompt_tokens == alone.usage.prompt_tokens
-    assert both.usage.completion_tokens == 2 * alone.usage.completion_tokens
+    assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
     assert chunks[-1].usage.model_dump() == both.usage.model_dump()
     for i, choice in enumerate(both.choices):
-        assert choice.message.content == alone.choices[0].message.content
+        want = alone[i].model_extra["sae"]
+        assert choice.message.content == alone[i].choices[0].message.content
         assert choice.model_extra["sae"]["applied"] == want["applied"]
         streamed = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == i]
         assert "".join(part.delta.content or "" for part in streamed) == choice.message.content

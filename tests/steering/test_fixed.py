@@ -82,7 +82,7 @@ def test_over_capacity_is_refused_not_partly_steered() -> None:
     reg = registry()
     sae = reg.saes["s"].sae
     many = request(reg, [{"feature": f, "mode": "add", "value": 1.0} for f in range(5)])
-    with pytest.raises(CapacityError, match="capacity 4"):
+    with pytest.raises(CapacityError, match="5 features .* exceed op.slots=4"):
         FixedTables(sae, Capacity(tokens=16, slots=4)).fill(plan_for(reg, [many], LAYOUT[:1]))
     top = request(reg, readout={"top_k": 3})
     with pytest.raises(CapacityError, match="top-k"):

@@ -102,7 +102,8 @@ def _service(tmp_path, capabilities, **config) -> SteeringService:
 
     save_sae(make_sae("relu", 16, 64), tmp_path / "s")
     return SteeringService(SaeServeConfig(saes=(SaeEntry(name="l1", path=str(tmp_path / "s")),), **config),
-                           capabilities=WorkerCapabilities(*capabilities))
+                           capabilities=WorkerCapabilities(*capabilities) if isinstance(capabilities, tuple)
+                           else WorkerCapabilities(**capabilities))
 
 
 def test_what_cuda_graphs_cannot_run_is_refused_naming_the_field(tmp_path) -> None:
@@ -125,6 +126,32 @@ def test_what_cuda_graphs_cannot_run_is_refused_naming_the_field(tmp_path) -> No
     (tmp_path / "bad.json").write_text('{"op": {"fixed_shapes": true, "slots": 0}}')
     with pytest.raises(SaeFormatError, match="field op.slots"):
         load_config(tmp_path / "bad.json")
+
+
+def test_guardrails_under_cuda_graphs_fit_the_lanes_or_are_refused_naming_the_field(tmp_path) -> None:
+    from sae_serve.errors import SpecError
+
+    def rules(*specs: tuple[str, int, dict]) -> RequestSpec:
+        return RequestSpec.model_validate({"guardrails": [
+            {"name": f"r{i}", "action": action, "when": {"sae": "l1", "feature": f, "above": {"value": 1.0}}, **extra}
+            for i, (action, f, extra) in enumerate(specs)]})
+
+    clamp = {"steering": {"interventions": [{"sae": "l1", "feature": 9, "mode": "clamp", "value": 2.0}]}}
+    graphs = {"graph_mode": True, "slots": 3, "max_model_len": 1024, "stop_token": 2, "lanes": 2}
+    service = _service(tmp_path, graphs)
+    assert service.prepare(rules(("flag", 1, {}), ("steer", 2, clamp))) is not None  # 3 features, 2 lanes
+    refused = [(rules(("flag", 1, {}), ("flag", 2, {}), ("flag", 3, {})), "op.guard_lanes"),
+               (rules(("flag", 1, {}), ("steer", 2, {"steering": {"interventions": [
+                   {"sae": "l1", "feature": f, "mode": "add", "value": 1.0} for f in (5, 6)]}})), "op.slots")]
+    for spec, why in refused:
+        with pytest.raises(SpecError, match=why) as info:
+            service.prepare(spec)
+        assert info.value.field.startswith("guardrails"), info.value.field
+    with pytest.raises(SpecError, match="V2 model runner") as info:  # its sampler does not stop them yet
+        _service(tmp_path, {**graphs, "sampler_stops": False}).prepare(rules(("abort", 1, {})))
+    assert _service(tmp_path, {**graphs, "sampler_stops": False}).prepare(rules(("flag", 1, {}))) is not None
+    with pytest.raises(SpecError, match="op.guard_lanes > 0"):
+        _service(tmp_path, {**graphs, "lanes": 0}).prepare(rules(("flag", 1, {})))
 
 
 def test_readouts_are_bounded_up_front_and_one_per_request(tmp_path) -> None:
