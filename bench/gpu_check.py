@@ -291,17 +291,22 @@ def mixed_specs(shape: Shape) -> dict[str, dict | None]:
     def edit(feature: int, mode: str, value: float) -> dict:
         return {"steering": {"interventions": [{"sae": SAE, "feature": feature, "mode": mode, "value": value}]}}
 
+    def rule(action: str, **extra: Any) -> dict:  # fires where the feature is active at all (k of n: 2 of 3)
+        return {"guardrails": [{"name": action, "action": action, **extra, "when": {
+            "sae": SAE, "feature": CLAMP8[3], "above": {"value": 0.0}, "tokens": 2, "window": 3, "positions": "all"}}]}
+
     return {"plain": None, "clamp": {**edit(CLAMP8[0], "clamp", s), "return_features": read},
             "scale": edit(CLAMP8[1], "scale", 4.0), "add": edit(CLAMP8[2], "add", s),
             "vector": {"steering": {"vectors": [{"name": "dir", "coefficient": s}]}},
-            "read8": {"return_features": read}}
+            "read8": {"return_features": read}, "guard-flag": rule("flag"), "guard-abort": rule("abort"),
+            "guard-steer": rule("steer", steering=edit(CLAMP8[4], "clamp", s)["steering"])}
 
 
 def same(a: Any, b: Any) -> bool:
     """Same tokens and bit-identical readouts."""
     import torch
 
-    if a.token_ids != b.token_ids or (a.features is None) != (b.features is None):
+    if a.token_ids != b.token_ids or (a.features is None) != (b.features is None) or a.guardrails != b.guardrails:
         return False
     return a.features is None or (torch.equal(a.features.positions, b.features.positions)
                                   and torch.equal(a.features.values, b.features.values))
@@ -331,7 +336,8 @@ def check_mixed(ctx: Ctx, llm: Any) -> None:
          batch_variance_of_vllm=not as_solo["plain"], failures=failures)
     saved = {n: {"prompt_len": len(o.prompt_token_ids), "tokens": o.token_ids,
                  "positions": o.features.positions.tolist() if o.features else None,
-                 "values": o.features.values.float().tolist() if o.features else None}
+                 "values": o.features.values.float().tolist() if o.features else None,
+                 "guardrails": [[f.name, f.action, f.position] for f in o.guardrails]}
              for n, o in zip(names, together, strict=True)}
     (ctx.work / f"mixed-{ctx.phase}.json").write_text(json.dumps(saved))
 
@@ -496,7 +502,10 @@ def compare_to_eager(graph: dict, eager: dict, tolerance: float) -> tuple[dict, 
         e = eager[name]
         differ = [j for j, (a, b) in enumerate(zip(g["tokens"], e["tokens"], strict=True)) if a != b]
         first = differ[0] if differ else len(g["tokens"])
-        report[name] = {"same_tokens": not differ, "first_differing_token": first if differ else None}
+        report[name] = {"same_tokens": not differ, "first_differing_token": first if differ else None,
+                        "same_guardrails": g.get("guardrails") == e.get("guardrails")}
+        if not report[name]["same_guardrails"]:  # (rules under CUDA graphs: lanes in the fixed op)
+            failures.append(f"{name}: guardrails fired {g.get('guardrails')} under graphs, {e.get('guardrails')} eager")
         if g["values"] is None:
             continue
         valid = [k for k, p in enumerate(e["positions"]) if p < e["prompt_len"] + first]

@@ -9,6 +9,11 @@ the hook, vLLM through ``hidden_states.stop_after``). Rounds alternate (A B A B)
 ratios are printed as JSON and appended to bench/results/harvest_engines.jsonl. ``vllm_over_hf``
 compares the same dtype; ``vllm_over_hf_float32`` compares each vLLM dtype with what
 ``--engine hf`` harvests in (float32).
+
+``gemm_floor_tokens_per_s``: the same run's rate of the model's linear layers alone (layers 0 to 15:
+q, k, v, o, gate, up, down, at the model's shapes, the fastest of torch's GEMM and vLLM's oneDNN
+one over 2,048 and 8,192 rows): no engine that computes those layers harvests faster, so
+``max_speedup_over_hf`` (floor / transformers) bounds what any engine can gain at that dtype.
 """
 
 from __future__ import annotations
@@ -81,9 +86,50 @@ def main() -> None:
                                  if "float32" in dtypes},
         "max_abs_diff_over_max_abs": diffs,
     }
+    floors = {dtype: gemm_floor(folder, getattr(torch, dtype)) for dtype in dtypes}
+    result["gemm_floor_tokens_per_s"] = {dtype: round(rate) for dtype, rate in floors.items()}
+    result["max_speedup_over_hf"] = {
+        dtype: round(floors[dtype] / statistics.median(rates[f"hf_{dtype}"]), 3) for dtype in dtypes}
     print(json.dumps(result, indent=1))
     with (Path(__file__).parent / "results" / "harvest_engines.jsonl").open("a") as f:
         f.write(json.dumps(result) + "\n")
+
+
+def gemm_floor(folder: Path, dtype: torch.dtype) -> float:
+    """Tokens/s of layers 0 to LAYER's linear maps alone (no attention, norms or activations)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    d, ffn, head = config.hidden_size, config.intermediate_size, config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head
+    shapes = [(d, d + 2 * kv), (d, d), (d, 2 * ffn), (ffn, d)]  # qkv, o, gate+up, down (vLLM's fused shapes)
+    best = 0.0
+    for rows in (2048, 8192):
+        weights = [torch.randn(k, n, dtype=dtype) / k**0.5 for k, n in shapes]
+        inputs = [torch.randn(rows, k, dtype=dtype) for k, _ in shapes]
+        for gemm in _gemms(weights):
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(LAYER + 1):
+                    for x, w in zip(inputs, gemm, strict=True):
+                        w(x)
+                times.append(time.perf_counter() - start)
+            best = max(best, rows / statistics.median(times))
+    return best
+
+
+def _gemms(weights: list[torch.Tensor]) -> list[list]:
+    """The GEMMs to try: torch's, and vLLM's oneDNN one (prepacked, as its CPU linear layers run)."""
+    out = [[lambda x, w=w: torch.mm(x, w) for w in weights]]
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError:
+        return out
+    if hasattr(ops, "create_onednn_mm"):
+        handlers = [ops.create_onednn_mm(w, 32) for w in weights]
+        out.append([lambda x, h=h: ops.onednn_mm(h, x, None) for h in handlers])
+    return out
 
 
 if __name__ == "__main__":

@@ -230,8 +230,6 @@ class WorkerCapabilities:
     """Width of the residual stream: bounds a request's hidden states."""
     lanes: int = 0
     """Guardrail triggers one request may have read at one SAE in graph mode (config op.guard_lanes)."""
-    sampler_stops: bool = True
-    """The runner's sampler emits the stop token for an aborted request (not vLLM's V2 runner yet)."""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -278,12 +276,8 @@ class WorkerCapabilities:
         if self.speculative or self.pipeline or (self.graph_mode and not self.lanes):
             raise SpecError(field, "guardrails are not available on this server: they run without speculative "
                             "decoding or pipeline parallelism, and under CUDA graphs need config op.guard_lanes > 0")
-        if any(r.action == "abort" for r in request.guardrails):
-            if self.stop_token is None:
-                raise SpecError(field, "this model declares no end-of-sequence token, which an abort needs")
-            if not self.sampler_stops:
-                raise SpecError(field, "guardrails that abort are not available on vLLM's V2 model runner yet "
-                                "(VLLM_USE_V2_MODEL_RUNNER=0 runs them); flag and steer rules are")
+        if self.stop_token is None and any(r.action == "abort" for r in request.guardrails):
+            raise SpecError(field, "this model declares no end-of-sequence token, which an abort needs")
 
     @classmethod
     def from_workers(cls, answers: list[dict[str, Any] | None]) -> WorkerCapabilities | None:
@@ -299,4 +293,4 @@ class WorkerCapabilities:
         return cls(any(c.graph_mode for c in got), min(c.slots for c in got), min(c.max_model_len for c in got),
                    ids.pop(), any(c.speculative for c in got), got[0].stop_token, any(c.pipeline for c in got),
                    tuple(sorted({layer for c in got for layer in c.hidden_layers})), got[0].d_model,
-                   min(c.lanes for c in got), all(c.sampler_stops for c in got))
+                   min(c.lanes for c in got))

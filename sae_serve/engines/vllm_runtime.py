@@ -102,7 +102,6 @@ class SteeringRuntime:
     d_model: int = 0
     device: torch.device | None = None  # the model's (None: the SAEs', else the CPU)
     lanes: int = 0  # guardrail lanes of the fixed op's tables (``_prepare_ops`` sets them)
-    sampler_stops: bool = True  # the runner's sampler is wrapped to stop aborted requests (V1)
     resolved: dict[str, _Live] = field(default_factory=dict)
     step: _Step | None = None
     watches: dict[str, Watch] = field(default_factory=dict)
@@ -124,7 +123,7 @@ class SteeringRuntime:
     def capabilities(self) -> WorkerCapabilities:
         return WorkerCapabilities(self.graph_mode, self.slots, self.max_model_len, secret_id(self.secret),
                                   self.speculative, self.stop_token, self.pipeline, self.hidden_layers, self.d_model,
-                                  self.lanes, self.sampler_stops)
+                                  self.lanes)
 
     def enable_monitoring(self, firing_fraction: float, max_rows: int) -> None:
         """Watch each SAE's watchlist on every token (``max_rows``: the most rows in a step)."""

@@ -140,10 +140,10 @@ def _first_rank() -> bool:
     return get_tensor_model_parallel_rank() == 0
 
 
-def attach(runner: Any, graph_mode: bool = False, sampler_stops: bool = True) -> SteeringRuntime | None:
+def attach(runner: Any, graph_mode: bool = False) -> SteeringRuntime | None:
     """Load the configured SAEs beside ``runner.model`` and wrap their layers. ``graph_mode`` (the
     V2 runner, or the V1 runner replaying CUDA graphs): every SAE runs on the fixed-shape op,
-    every step. ``sampler_stops``: the caller wraps the runner's sampler to stop aborted requests.
+    every step.
     Under pipeline parallelism a stage runs the SAEs that read its layers (on its device) and keeps
     the others' catalogs to resolve requests (their weights in host memory); a stage with none of
     them steers and reports nothing."""
@@ -179,8 +179,7 @@ def attach(runner: Any, graph_mode: bool = False, sampler_stops: bool = True) ->
         speculative=runner.vllm_config.speculative_config is not None,
         stop_token=eos_token(model_config.hf_text_config), server_rules=config.guardrails,
         pipeline=len(stack.owned) < len(stack.layers), hidden_layers=exposed,
-        d_model=model_config.hf_text_config.hidden_size, device=torch.device(runner.device),
-        sampler_stops=sampler_stops)
+        d_model=model_config.hf_text_config.hidden_size, device=torch.device(runner.device))
     _prepare_ops(runtime, runner, config)
     if config.guardrails:  # the server's own rules run on every request, or the server does not start
         try:

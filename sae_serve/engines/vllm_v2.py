@@ -7,7 +7,8 @@ op never runs. So, after the model loads:
   called before every forward, graph replays included, maps the batch to rows and fills the
   fixed-shape op's tables (``steering/fixed.py``);
 - the runtime runs in ``graph_mode``: the op runs the tables' kernels every step, so a captured
-  graph replays the steering of whatever requests the next step holds.
+  graph replays the steering (and guardrails) of whatever requests the next step holds;
+- ``sample`` is wrapped so that requests a guardrail aborted get the stop token.
 What needs variable shapes cannot run here: a TopK SAE refuses to load on this path, and the
 servers refuse a request asking for a top-k readout or more features than ``op.slots`` up front
 (they learn at startup that the workers replay graphs); should one arrive anyway it is not
@@ -23,6 +24,8 @@ whole runner needs vLLM on a GPU (``bench/gpu_check.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
@@ -84,6 +87,21 @@ class SteeringModelState:
         return self._inner.prepare_inputs(input_batch, req_states)
 
 
+def stop_aborted_requests(sample: Callable[..., tuple[Any, Any, Any]]) -> Callable[..., tuple[Any, Any, Any]]:
+    """V2's ``sample`` (after any gather across ranks, so rows are in the batch's order, the order
+    ``prepare_inputs`` planned), with the stop token for every request whose abort rule has fired:
+    vLLM's own stop check then ends it. No host sync."""
+
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        out, num_sampled, num_rejected = sample(self, *args, **kwargs)
+        runtime = getattr(self, "_sae_serve", None)
+        if runtime is not None and runtime.aborts:
+            out = replace(out, sampled_token_ids=runtime.force_stops(out.sampled_token_ids))
+        return out, num_sampled, num_rejected
+
+    return wrapped
+
+
 def patch_v2_runner() -> None:
     """Wrap the V2 runner's load_model; a vLLM without the V2 runner is left alone."""
     try:
@@ -96,9 +114,10 @@ def patch_v2_runner() -> None:
 
     def load_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         original(self, *args, **kwargs)
-        self._sae_serve = attach(self, graph_mode=True, sampler_stops=False)
+        self._sae_serve = attach(self, graph_mode=True)
         if self._sae_serve is not None:
             self.model_state = SteeringModelState(self.model_state, self._sae_serve)
 
     V2Runner.load_model = load_model
+    V2Runner.sample = stop_aborted_requests(V2Runner.sample)
     V2Runner._sae_serve_patched = True

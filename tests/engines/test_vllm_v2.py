@@ -178,3 +178,27 @@ def test_a_spec_the_service_did_not_sign_is_ignored_and_counted(extra: dict) -> 
     assert torch.equal(got, hidden)
     assert runtime.metrics.rejected_specs.labels("unauthenticated")._value.get() == before + 1
     assert len(runtime.readouts) == 0  # nothing kept for it
+
+
+def test_v2s_sample_emits_the_stop_token_for_requests_an_abort_rule_stopped() -> None:
+    """V2's `sample` is wrapped like V1's sampler: rows (in the batch order prepare_inputs planned)
+    of requests whose abort rule fired get the stop token; the others keep what was sampled."""
+    from vllm.v1.worker.gpu.sample.output import SamplerOutput
+
+    from sae_serve.engines.vllm_v2 import stop_aborted_requests
+    from sae_serve.steering.guardrails import GuardTable
+    from sae_serve.steering.spec import ResolvedGuardrail
+
+    runtime = SteeringRuntime(registry_of({"s": make_sae("relu", D_IN, 64)}), stop_token=2)
+    table = GuardTable("cpu")
+    rule = ResolvedGuardrail("r", "abort", "s", 0, None, 1.0, 1, 1, "generated", {}, {}, (), False)
+    fired, waiting = table.allocate(rule), table.allocate(rule)
+    table.fired[fired.slot] = 5
+    runtime.guard_table, runtime.aborts = table, [(1, [fired]), (2, [waiting])]
+    sampled = torch.tensor([[7], [8], [9]], dtype=torch.int32)
+    out = SamplerOutput(sampled, None, None, torch.ones(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    runner = SimpleNamespace(_sae_serve=runtime)
+    got, _, _ = stop_aborted_requests(lambda self, *a: (out, out.num_sampled, out.num_rejected))(runner)
+    assert got.sampled_token_ids.tolist() == [[7], [2], [9]] and got.sampled_token_ids.dtype == torch.int32
+    runtime.aborts = []  # a step without abort rules passes through untouched
+    assert stop_aborted_requests(lambda self, *a: (out, 1, 0))(runner)[0] is out

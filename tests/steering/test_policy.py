@@ -147,9 +147,7 @@ def test_guardrails_under_cuda_graphs_fit_the_lanes_or_are_refused_naming_the_fi
         with pytest.raises(SpecError, match=why) as info:
             service.prepare(spec)
         assert info.value.field.startswith("guardrails"), info.value.field
-    with pytest.raises(SpecError, match="V2 model runner") as info:  # its sampler does not stop them yet
-        _service(tmp_path, {**graphs, "sampler_stops": False}).prepare(rules(("abort", 1, {})))
-    assert _service(tmp_path, {**graphs, "sampler_stops": False}).prepare(rules(("flag", 1, {}))) is not None
+    assert service.prepare(rules(("abort", 1, {}))) is not None
     with pytest.raises(SpecError, match="op.guard_lanes > 0"):
         _service(tmp_path, {**graphs, "lanes": 0}).prepare(rules(("flag", 1, {})))
 
