@@ -32,7 +32,7 @@ from sae_serve.engines.state_copies import Capture, Part, StateBuffers, StateCop
 from sae_serve.errors import SpecError
 from sae_serve.metrics import SilentMetrics, WorkerMetrics, worker_metrics
 from sae_serve.sae.registry import LoadedSae, SaeRegistry
-from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, steer_fixed_
+from sae_serve.steering.fixed import FixedTables, fits, fixed_readout, misfit, steer_fixed_
 from sae_serve.steering.guardrails import GuardState, GuardTable, GuardTableFull, release
 from sae_serve.steering.hook import apply_plan_split_
 from sae_serve.steering.plan import RequestPlan, RequestRows, SaePlan, Segment, build_plan, guard_states, prepare_all
@@ -177,11 +177,12 @@ class SteeringRuntime:
         try:
             plans = prepare_all(request, self.saes, slices=not self.graph_mode, probes=self.registry.probes,
                                 table=self.guard_table)
-        except GuardTableFull as exc:
+        except GuardTableFull as exc:  # fail closed: the request stops at once rather than run unwatched
             self._reject("unrunnable")
-            logger.error("request %s: %s", req_id, exc)
+            logger.error("request %s: %s; stopped", req_id, exc)
             if key is not None:
                 self.readouts.fail(key, str(exc))
+            self.abort_rules[req_id] = [self.guard_table.tripwire(request.guardrails[0])]
             return _Live(key, {})
         states = guard_states(plans)
         if key is not None:
@@ -270,8 +271,9 @@ class SteeringRuntime:
         if self.graph_mode and rest:  # a captured graph cannot run the segment path
             for seg in rest:  # (the service refuses these up front: reaching here is a deployment out of step)
                 self._reject("unrunnable")
-                self.readouts.fail(str(keys[seg.request]), f"SAE {name!r}: this request needs a top-k readout "
-                                   "or more features than op.slots, which CUDA graphs cannot run")
+                if (key := keys[seg.request]) is not None:
+                    self.readouts.fail(key, f"SAE {name!r}: CUDA graphs cannot run this request "
+                                       f"({misfit(seg.plan, tables.capacity)})")
             rest = []
         tables.fill(fixed)
         self.pending += [(key, name, seg) for seg in fixed if seg.plan.reads and (key := keys[seg.request])]

@@ -252,10 +252,10 @@ def _prepare_ops(runtime: SteeringRuntime, runner: Any, config: SaeServeConfig) 
     if runtime.graph_mode and topk:
         raise SaeServeError(f"SAE {topk[0]!r} is TopK, which needs the full encode: CUDA graphs cannot run "
                             "it; use VLLM_USE_V2_MODEL_RUNNER=0 with enforce_eager=True, or a relu/jumprelu SAE")
-    if capacity.lanes:  # the op's rule table keeps its address (CUDA graphs captured it): sized, never grown
+    if capacity.lanes and runtime.graph_mode:  # CUDA graphs captured the rule table's address: sized, never grown
         states = GUARD_STATES_PER_SEQUENCE * sched.max_num_seqs * (MAX_GUARDRAILS + len(config.guardrails))
         runtime.guard_table = GuardTable(runtime.device, states, growable=False)
-        runtime.lanes = capacity.lanes
+    runtime.lanes = capacity.lanes
     probes = runtime.registry.probes.values()
     runtime.tables = {name: FixedTables(sae, capacity, runtime.guard_table if capacity.lanes else None,
                                         [p for p in probes if p.sae == name])

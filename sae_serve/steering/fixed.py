@@ -132,15 +132,16 @@ class FixedTables:
                  probes: list[LinearProbe] | tuple[LinearProbe, ...] = ()) -> None:
         if sae.cfg.architecture == "topk":
             raise SaeServeError("the fixed-shape op encodes feature subsets: a topk SAE needs the segment path")
-        if capacity.lanes and (guards is None or guards.growable):
-            raise SaeServeError("guardrail lanes need the engine's rule table, fixed in size")
+        if capacity.lanes and guards is None:
+            raise SaeServeError("guardrail lanes need the engine's rule table")
         t, s, device, dtype = capacity.tokens, capacity.slots, sae.W_dec.device, sae.dtype
         self.capacity, self.guards = capacity, guards
         self.index = torch.zeros(t, s, dtype=torch.long, device=device)
         self.mult = torch.ones(t, s, dtype=dtype, device=device)
         self.offset = torch.zeros(t, s, dtype=dtype, device=device)
         self.vector_row = torch.zeros(t, dtype=torch.long, device=device)
-        self.vectors = torch.zeros(capacity.requests + 1, sae.d_in, dtype=dtype, device=device)
+        # Row 0 is zeros; each request banks at most two: its own vector and its steer rule's (``misfit``).
+        self.vectors = torch.zeros(2 * capacity.requests + 1, sae.d_in, dtype=dtype, device=device)
         self.activations = torch.zeros(t, s, dtype=dtype, device=device)  # written by the op: readouts
         self._filled = 0  # rows written by the last fill, reset by the next
         self.lanes = GuardLanes(capacity, sae, probes) if capacity.lanes else None
@@ -184,8 +185,8 @@ class FixedTables:
 
     def _bank(self, vectors: list[torch.Tensor], vector: torch.Tensor) -> int:
         """``vector``'s row in this step's vector bank."""
-        if len(vectors) == self.capacity.requests:
-            raise CapacityError(f"more than {self.capacity.requests} steering vectors in one step")
+        if len(vectors) == len(self.vectors) - 1:
+            raise CapacityError(f"more than {len(self.vectors) - 1} steering vectors in one step")
         vectors.append(vector)
         return len(vectors)
 
@@ -316,6 +317,7 @@ class GuardLanes:
         target = torch.where(self.last[:n], slot, 0).flatten()
         guards.history.index_put_((target,), bits[:, :, :HISTORY].flip(2).reshape(-1, HISTORY))
         guards.history[0] = False
+        self.active[:n], self.last[:n] = False, False  # watched once: a forward the host did not plan sees none
 
     def gates(self, guards: GuardTable, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, slots) and (rows, 1): whether each gated slot and gated vector is on at its row."""

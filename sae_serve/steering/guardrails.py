@@ -41,20 +41,27 @@ class GuardTableFull(SaeServeError):
 
 class GuardTable:
     """The state of every live rule of one engine, on one device; a rule's state is one row (slot).
-    Row 0 is a sink that no rule owns: the fixed-shape op points its unused lanes there, and its
-    ``fired`` stays -1, so a gate on it never opens. ``growable=False`` (CUDA graphs, which replay
-    on the tensors they captured) keeps ``capacity`` rows and refuses a rule beyond them."""
+    Two rows no rule owns: 0, a sink (the fixed-shape op points its unused lanes there; its
+    ``fired`` stays -1, so a gate on it never opens), and 1, a tripwire that has fired at 0 (a
+    request whose rules found no row is stopped by it: ``tripwire``). ``growable=False`` (CUDA
+    graphs, which replay on the tensors they captured) keeps ``capacity`` rows and refuses a rule
+    beyond them."""
 
     def __init__(self, device: torch.device | str, capacity: int = 64, growable: bool = True) -> None:
-        self.fired = torch.full((capacity + 1,), -1, dtype=torch.long, device=device)  # position it fired at; -1
-        self.history = torch.zeros((capacity + 1, HISTORY), dtype=torch.bool, device=device)
+        self.fired = torch.full((capacity + 2,), -1, dtype=torch.long, device=device)  # position it fired at; -1
+        self.fired[1] = 0
+        self.history = torch.zeros((capacity + 2, HISTORY), dtype=torch.bool, device=device)
         self.growable = growable
-        self._free = list(range(capacity, 0, -1))
+        self._free = list(range(capacity + 1, 1, -1))
+
+    def tripwire(self, rule: ResolvedGuardrail) -> GuardState:
+        """A state that has always fired: it stops a request whose own states found no row (fail closed)."""
+        return GuardState(rule, self, 1)
 
     def allocate(self, rule: ResolvedGuardrail) -> GuardState:
         if not self._free:
             if not self.growable:
-                raise GuardTableFull(f"every one of this worker's {len(self.fired) - 1} guardrail states is in use "
+                raise GuardTableFull(f"every one of this worker's {len(self.fired) - 2} guardrail states is in use "
                                      "(finished requests hold theirs until fetched); try again shortly")
             self._grow()
         slot = self._free.pop()

@@ -215,6 +215,16 @@ def _rule(rng: random.Random, name: str) -> dict:
     return rule
 
 
+def _guard_registry():
+    """The test SAE on the device, and a probe ``p`` along its feature 3's decoder row."""
+    from sae_serve.sae.registry import LinearProbe
+
+    reg = registry("jumprelu")
+    sae = reg.saes["s"].sae.to(DEVICE)
+    reg.probes["p"] = LinearProbe("p", "s", (sae.W_dec[3] / sae.W_dec[3].norm()).to(DEVICE), -0.5, False)
+    return reg
+
+
 def _guard_runtime(reg, graph_mode: bool) -> SteeringRuntime:
     from sae_serve.steering.guardrails import GuardTable
 
@@ -232,11 +242,7 @@ def test_guardrails_fire_steer_and_stop_on_the_graph_path_as_on_the_eager_one() 
     chunks then decodes, a preempted request recomputing rows it was watched on) run through the
     captured op and through the eager segment path: every step's rows, the stops and the positions
     where rules fired must agree."""
-    from sae_serve.sae.registry import LinearProbe
-
-    reg = registry("jumprelu")
-    sae = reg.saes["s"].sae.to(DEVICE)
-    reg.probes["p"] = LinearProbe("p", "s", (sae.W_dec[3] / sae.W_dec[3].norm()).to(DEVICE), -0.5, False)
+    reg = _guard_registry()
     graph_rt, eager_rt = _guard_runtime(reg, True), _guard_runtime(reg, False)
     op = CapturedOp(bind_site(graph_rt, reg.saes["s"]))
     rng = random.Random(7)
@@ -245,6 +251,7 @@ def test_guardrails_fire_steer_and_stop_on_the_graph_path_as_on_the_eager_one() 
         ids = [f"g{trial}-{i}" for i in range(4)]
         specs = [{"guardrails": [_rule(rng, f"r{i}-{j}") for j in range(rng.randint(1, 2))]} for i in range(3)]
         specs[0]["return_features"] = {"sae": "s", "features": [5, 11]}
+        specs[1]["steering"] = {"vectors": [{"name": "v", "coefficient": -1.0}]}  # banked beside its rule's
         specs.append(None)  # a plain neighbour
         extra = {rid: admit(RequestSpec.model_validate(spec), secret=SECRET, key=rid).extra_args if spec else None
                  for rid, spec in zip(ids, specs, strict=True)}
@@ -277,3 +284,21 @@ def test_guardrails_fire_steer_and_stop_on_the_graph_path_as_on_the_eager_one() 
         graph_rt.plan_step(StepBatch([], [0], [], []), {}, [])  # they leave: their rule rows are freed
         eager_rt.plan_step(StepBatch([], [0], [], []), {}, [])
     assert fired_any == {"flag", "abort", "steer"}  # every action fired somewhere (the test has teeth)
+
+
+def test_a_request_whose_rules_find_no_row_is_stopped_not_served_unwatched() -> None:
+    """The graph path's rule table cannot grow (the graph holds its address): a request that finds
+    it full fails closed, stopped at its first token, and its reply says why."""
+    from sae_serve.steering.guardrails import GuardTable
+
+    runtime = _guard_runtime(_guard_registry(), True)
+    runtime.guard_table = runtime.tables["s"].guards = GuardTable(DEVICE, 2, growable=False)
+    rule = {"when": {"sae": "s", "feature": 3, "above": {"value": 99.0}}, "action": "flag"}
+    specs = [{"guardrails": [{**rule, "name": f"r{i}"} for i in range(2)]}, {"guardrails": [{**rule, "name": "x"}]}]
+    extra = {f"t-{i}": admit(RequestSpec.model_validate(s), secret=SECRET, key=f"t-{i}").extra_args
+             for i, s in enumerate(specs)}
+    batch = StepBatch(list(extra), [0, 2, 4], [0, 0], [2, 2])
+    runtime.plan_step(batch, extra, batch.req_ids)
+    assert runtime.force_stops(torch.full((2,), 7, device=DEVICE)).tolist() == [7, STOP]
+    replies = runtime.pop_readouts(batch.req_ids)
+    assert replies["t-0"].error is None and "guardrail states is in use" in replies["t-1"].error
