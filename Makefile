@@ -7,7 +7,7 @@ VENV_OLDEST ?= .venv-vllm026
 PY_OLDEST := $(VENV_OLDEST)/bin/python
 
 # What runs again on the oldest vLLM: the plugin on every architecture, and the servers. CI's 30
-# minutes bound the rest, run by hand there: test_vllm_plugin's three op modes, and tensor parallel,
+# minutes bound the rest, run by hand there: test_vllm_plugin's op modes, and tensor parallel,
 # speculative decoding and LoRA (test_tensor_parallel.py, test_spec_decode_lora.py: 2 minutes; they
 # passed on 0.26 in session 8, 2026-12-01).
 OLDEST_VLLM_TESTS ?= tests/engines/test_architectures.py tests/server/test_serve.py tests/server/test_adversarial.py
@@ -49,6 +49,8 @@ install-system:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium chromium-driver
 
+# test_vllm_plugin runs the eager and the compiled fixed-shape op here; the compiled segment op by hand
+# (SAE_SERVE_OP_MODES=eager,compiled,compiled-fixed; it passed in session 9, 2026-12-01).
 test: install install-oldest-vllm
 	$(PY) -m pytest
 	# The plugin and server tests again on the oldest supported vLLM.

@@ -92,20 +92,27 @@ class SteeredLLM:
     def generate(self, prompts: Sequence[str | list[int]], specs: Sequence[RequestSpec | dict | None],
                  sampling_params: Any, lora_request: Any = None) -> list[SteeredOutput]:
         """Generate ``prompts[i]`` (text or token ids) under ``specs[i]`` (and vLLM's
-        ``lora_request``, one or a list); every spec is checked before any is sent."""
-        checked = [self.validate(s) for s in specs]
-        if sampling_params.n > 1 and any(r.guardrails or r.readout or r.hidden for _, r in checked):
-            raise SpecError("n", "guardrails and readouts watch one sequence: generate the others as separate prompts")
+        ``lora_request``, one or a list); every spec is checked before any is sent. With ``n`` > 1,
+        one output per completion, prompt-major: each runs as its own request (its own readout and
+        rules; seeded ``seed + j`` as vLLM seeds its children)."""
+        n = sampling_params.n
+        checked = [got for got in (self.validate(s) for s in specs) for _ in range(n)]
         engine = [admit(spec) for spec, _ in checked]
         items, params = [], []
-        for prompt, req, (_, resolved) in zip(prompts, engine, checked, strict=True):
+        for i, (prompt, req, (_, resolved)) in enumerate(zip(
+                [p for p in prompts for _ in range(n)], engine, checked, strict=True)):
             items.append(req.prompt(prompt))
             p = sampling_params.clone()
+            p.n = 1
+            if p.seed is not None:
+                p.seed += i % n
             p.extra_args = {**(p.extra_args or {}), **req.extra_args}
             if p.structured_outputs is not None and any(rule.action == "abort" for rule in resolved.guardrails):
                 raise SpecError("structured_outputs", "cannot be combined with guardrails that abort (the grammar "
                                 "would refuse the end of sequence an abort emits)")
             params.append(p)
+        if isinstance(lora_request, list):
+            lora_request = [r for r in lora_request for _ in range(n)]
         outputs = self.llm.generate(items, params, use_tqdm=False, lora_request=lora_request)
         keys = [r.key for r in engine]
         readouts = merge_replies(self.llm.collective_rpc(POP_READOUTS, args=(keys,)), keys)

@@ -42,9 +42,14 @@ def config(tmp_path_factory) -> SaeServeConfig:
                           limits=LimitsConfig(max_hidden_state_bytes=16 * 2**20))
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled", "compiled-fixed"])
+# CI runs two: the segment op eagerly and, compiled, the fixed-shape op (with the segment op for what
+# does not fit); SAE_SERVE_OP_MODES=eager,compiled,compiled-fixed adds the compiled segment op.
+OP_MODES = os.environ.get("SAE_SERVE_OP_MODES", "eager,compiled-fixed").split(",")
+
+
+@pytest.fixture(scope="module", params=OP_MODES)
 def llm(request, config, default_model_dir, tmp_path_factory):
-    """Every test runs on the segment op (eager, compiled) and on the fixed-shape op (8 slots)."""
+    """Every test runs on the segment op (eager; compiled by hand) and on the fixed-shape op (8 slots)."""
     from sae_serve.engines.vllm_offline import SteeredLLM
 
     if request.param.endswith("fixed"):
@@ -265,6 +270,25 @@ def test_guardrails_keep_isolation_in_a_mixed_batch(llm) -> None:
     for i, spec in enumerate(specs):
         [alone] = llm.generate([prompts[i]], [spec], greedy(12))
         assert (alone.token_ids, alone.guardrails) == (together[i].token_ids, together[i].guardrails), (i, spec)
+
+
+def test_n_completions_each_run_alone_with_their_own_readout_and_rules(llm) -> None:
+    """n > 1: one output per completion, prompt-major, each as its own request (vLLM's child seeds),
+    so each has its own readout and rule state, equal to that completion generated alone."""
+    from vllm import SamplingParams
+
+    spec = {**guard("flag", FRENCH_PROBE), "return_features": {"sae": "layer15", "features": ["non-english"]}}
+    prompts, specs = [GUARD_PROMPTS[1], GUARD_PROMPTS[0]], [spec, None]
+    got = llm.generate(prompts, specs, SamplingParams(temperature=1.0, seed=11, max_tokens=6, n=2))
+    assert len(got) == 4 and got[0].token_ids != got[1].token_ids  # two samples of the first prompt
+    for i, out in enumerate(got):
+        [alone] = llm.generate([prompts[i // 2]], [specs[i // 2]],
+                               SamplingParams(temperature=1.0, seed=11 + i % 2, max_tokens=6))
+        assert (out.token_ids, out.guardrails) == (alone.token_ids, alone.guardrails), i
+        assert (out.features is None) == (alone.features is None)
+        if out.features is not None:  # (vLLM's own batch shapes move the stream by rounding)
+            torch.testing.assert_close(out.features.values, alone.features.values, atol=1e-4, rtol=1e-4)
+    assert got[0].guardrails and got[0].features is not None  # the French prompt's rule fired, its readout came
 
 
 def test_guardrails_refuse_bad_rules_naming_the_field(llm) -> None:
