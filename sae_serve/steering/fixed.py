@@ -204,25 +204,27 @@ class FixedTables:
             self.vector_row[rows:self._filled] = 0
 
 
+LANE_TABLES: dict[str, tuple[str | None, type, float]] = {
+    # name: (its columns: one per lane, per slot, or none; host dtype; idle value, a no-op)
+    "position": (None, np.int64, 0), "slot": ("lanes", np.int64, 0), "column": ("lanes", np.int64, 0),
+    "threshold": ("lanes", np.float32, np.inf), "tokens": ("lanes", np.int64, 1), "window": ("lanes", np.int64, 1),
+    "active": ("lanes", np.bool_, False), "back": ("lanes", np.int64, 0), "last": ("lanes", np.bool_, False),
+    "gate_slot": ("slots", np.int64, 0), "gate_mult": ("slots", np.float32, 1), "gate_offset": ("slots", np.float32, 0),
+    "gate_vector_row": (None, np.int64, 0), "gate_vector_slot": (None, np.int64, 0),
+}
+"""A site's guardrail lanes and gates (module docstring); slot 0 of the rule table is its sink."""
+
+
+def _lane_shape(rows: int, columns: str | None, capacity: Capacity) -> tuple[int, ...]:
+    return (rows,) if columns is None else (rows, getattr(capacity, columns))
+
+
 class _HostLanes:
     """One step's guardrail lanes on the host, filled request by request (``GuardLanes.host``)."""
 
     def __init__(self, rows: int, capacity: Capacity) -> None:
-        lanes, slots = capacity.lanes, capacity.slots
-        self.position = np.zeros(rows, dtype=np.int64)
-        self.slot = np.zeros((rows, lanes), dtype=np.int64)  # 0: the table's sink row
-        self.column = np.zeros((rows, lanes), dtype=np.int64)
-        self.threshold = np.full((rows, lanes), np.inf, dtype=np.float32)
-        self.tokens = np.ones((rows, lanes), dtype=np.int64)
-        self.window = np.ones((rows, lanes), dtype=np.int64)
-        self.active = np.zeros((rows, lanes), dtype=bool)
-        self.back = np.zeros((rows, lanes), dtype=np.int64)
-        self.last = np.zeros((rows, lanes), dtype=bool)
-        self.gate_slot = np.zeros((rows, slots), dtype=np.int64)
-        self.gate_mult = np.ones((rows, slots), dtype=np.float32)
-        self.gate_offset = np.zeros((rows, slots), dtype=np.float32)
-        self.gate_vector_row = np.zeros(rows, dtype=np.int64)
-        self.gate_vector_slot = np.zeros(rows, dtype=np.int64)
+        for name, (columns, dtype, idle) in LANE_TABLES.items():
+            setattr(self, name, np.full(_lane_shape(rows, columns, capacity), idle, dtype=dtype))
 
     def add(self, seg: Segment, column: dict[int | str, int], bank: Callable[[torch.Tensor], int]) -> None:
         """A request's rules: a lane per trigger read here, a gate per edited slot and vector.
@@ -266,20 +268,9 @@ class GuardLanes:
         self.steps = torch.arange(MAX_WINDOW, device=device)  # k: how many watched rows back
         self.rows = torch.arange(t, device=device)
         self.lane = torch.arange(lanes, device=device)
-        self.position = torch.zeros(t, dtype=torch.long, device=device)
-        self.slot = torch.zeros(t, lanes, dtype=torch.long, device=device)
-        self.column = torch.zeros(t, lanes, dtype=torch.long, device=device)
-        self.threshold = torch.full((t, lanes), torch.inf, dtype=torch.float32, device=device)
-        self.tokens = torch.ones(t, lanes, dtype=torch.long, device=device)
-        self.window = torch.ones(t, lanes, dtype=torch.long, device=device)
-        self.active = torch.zeros(t, lanes, dtype=torch.bool, device=device)
-        self.back = torch.zeros(t, lanes, dtype=torch.long, device=device)
-        self.last = torch.zeros(t, lanes, dtype=torch.bool, device=device)
-        self.gate_slot = torch.zeros(t, slots, dtype=torch.long, device=device)
-        self.gate_mult = torch.ones(t, slots, dtype=dtype, device=device)
-        self.gate_offset = torch.zeros(t, slots, dtype=dtype, device=device)
-        self.gate_vector_row = torch.zeros(t, dtype=torch.long, device=device)
-        self.gate_vector_slot = torch.zeros(t, dtype=torch.long, device=device)
+        for name, (columns, host_dtype, idle) in LANE_TABLES.items():
+            kind = dtype if name in ("gate_mult", "gate_offset") else torch.from_numpy(np.empty(0, host_dtype)).dtype
+            setattr(self, name, torch.full(_lane_shape(t, columns, capacity), idle, dtype=kind, device=device))
 
     def host(self, rows: int) -> _HostLanes:
         return _HostLanes(rows, self.capacity)
@@ -291,7 +282,7 @@ class GuardLanes:
             table = getattr(self, name)
             table[:rows].copy_(torch.from_numpy(array), non_blocking=True)
             if previous > rows:
-                table[rows:previous] = _idle(name)
+                table[rows:previous] = LANE_TABLES[name][2]
 
     def observe_(self, guards: GuardTable, stream: torch.Tensor, acts: torch.Tensor) -> None:
         """Update every watched rule from this step's rows (``stream``: the unedited residual stream)."""
@@ -325,11 +316,6 @@ class GuardLanes:
         on = (fired >= 0) & (self.position[:n, None] >= fired)
         vector = guards.fired[self.gate_vector_slot[:n]]
         return on, ((vector >= 0) & (self.position[:n] >= vector)).unsqueeze(1)
-
-
-def _idle(name: str) -> float:
-    """A lane table's no-op value (for rows a step no longer holds)."""
-    return {"threshold": float("inf"), "tokens": 1, "window": 1, "gate_mult": 1}.get(name, 0)
 
 
 def steer_fixed_(hidden: torch.Tensor, residual: torch.Tensor, sae: SparseAutoencoder, tables: FixedTables) -> None:
