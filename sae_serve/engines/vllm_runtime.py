@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -330,6 +330,13 @@ class SteeringRuntime:
                 self.readouts.add(step.keys[index], loaded.name, acts)
         if self.monitoring:
             self.metrics.hook_seconds.labels(loaded.name).observe(time.perf_counter() - start)
+
+    def stop_aborted(self, out: Any) -> Any:
+        """A sampler's output (a dataclass with ``sampled_token_ids``, rows in batch order; V1's and
+        V2's alike) with ``force_stops`` applied; itself when no abort rule runs this step."""
+        if not self.aborts or self.stop_token is None:
+            return out
+        return replace(out, sampled_token_ids=self.force_stops(out.sampled_token_ids))
 
     def force_stops(self, sampled: torch.Tensor) -> torch.Tensor:
         """The step's sampled tokens (rows in batch order), with the stop token for every request

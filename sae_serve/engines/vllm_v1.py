@@ -7,7 +7,6 @@ each sampling, requests a guardrail aborted get the stop token (``force_stops``)
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from sae_serve.engines.vllm_runtime import SteeringRuntime
@@ -30,8 +29,7 @@ def stop_aborted_requests(sampler: Any, runtime: SteeringRuntime) -> None:
     sample = sampler.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        out = sample(*args, **kwargs)
-        return replace(out, sampled_token_ids=runtime.force_stops(out.sampled_token_ids))
+        return runtime.stop_aborted(sample(*args, **kwargs))
 
     sampler.forward = forward
 

@@ -25,7 +25,6 @@ whole runner needs vLLM on a GPU (``bench/gpu_check.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from sae_serve.engines.vllm_runtime import SteeringRuntime, StepBatch
@@ -95,9 +94,7 @@ def stop_aborted_requests(sample: Callable[..., tuple[Any, Any, Any]]) -> Callab
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         out, num_sampled, num_rejected = sample(self, *args, **kwargs)
         runtime = getattr(self, "_sae_serve", None)
-        if runtime is not None and runtime.aborts:
-            out = replace(out, sampled_token_ids=runtime.force_stops(out.sampled_token_ids))
-        return out, num_sampled, num_rejected
+        return (out if runtime is None else runtime.stop_aborted(out)), num_sampled, num_rejected
 
     return wrapped
 
