@@ -56,23 +56,22 @@ def unsplittable(request: Any) -> dict[str, int]:
             "kv_transfer_params": transfer}
 
 
-def _splits(request: Any) -> bool:
-    """Whether vLLM would run the request's ``n``: else it is sent whole, for vLLM's own 400
-    (``n`` below 1, or above 1 with greedy sampling)."""
+def _n(request: Any) -> int:
+    """The request's ``n`` as it is split; 1 where vLLM would not run it (``n`` below 1, or above 1
+    with greedy sampling): such a request is sent whole, for vLLM's own 400."""
     n = request.n if request.n is not None else 1
-    return n >= 1 and (n == 1 or request.temperature != 0)
+    return n if n >= 1 and (n == 1 or request.temperature != 0) else 1
 
 
 def sequence_count(request: Any) -> tuple[str, int]:
     """How many sequences the request runs, and the field that makes them several."""
-    n, prompts = (request.n or 1) if _splits(request) else 1, len(_prompts(request) or [None])
+    n, prompts = _n(request), len(_prompts(request) or [None])
     return ("n" if n > 1 else "prompt"), n * prompts
 
 
 def split(request: Any) -> list[Part]:
     """``request`` as one request per sequence (just itself when it runs one)."""
-    prompts = _prompts(request) or [None]
-    n = (request.n or 1) if _splits(request) else 1
+    prompts, n = _prompts(request) or [None], _n(request)
     if n == 1 and len(prompts) == 1:
         return [Part(request, 0, 0)]
     parts = []

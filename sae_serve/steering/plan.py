@@ -152,14 +152,14 @@ def prepare_all(req: ResolvedRequest | None, saes: Mapping[str, SparseAutoencode
     """``prepare`` for every SAE the request names. Each guardrail whose trigger SAE is among
     ``saes`` gets one state in ``table``, shared by the plans it spans (``guard_states`` finds them)."""
     rules = [rule for rule in (req.guardrails if req else ()) if rule.site in saes]
-    if rules and table is None:
-        table = GuardTable(saes[rules[0].site].W_dec.device)
     states: list[GuardState] = []
-    for rule in rules if table is not None else ():
+    if rules:
+        table = table or GuardTable(saes[rules[0].site].W_dec.device)
         try:
-            states.append(table.allocate(rule))  # type: ignore[union-attr]
-        except GuardTableFull:
-            table.release(states)  # type: ignore[union-attr]
+            for rule in rules:
+                states.append(table.allocate(rule))
+        except GuardTableFull:  # (none of them, then)
+            table.release(states)
             raise
     plans = {name: prepare(name, req, sae, slices, states, probes) for name, sae in saes.items()}
     return {name: plan for name, plan in plans.items() if plan is not None}
