@@ -31,8 +31,11 @@ def written(tmp_path_factory) -> Path:
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "sae_serve_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *LIBRARIES], capture_output=True, text=True,
-                             timeout=900)
+    try:  # (within pytest's 900 s per test, so a slow index skips rather than fails)
+        install = subprocess.run([str(python), "-m", "pip", "install", "-q", *LIBRARIES], capture_output=True,
+                                 text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"{LIBRARIES} did not install from the package index within 10 minutes")
     if install.returncode != 0:
         pytest.skip(f"{LIBRARIES} did not install from the package index: {install.stderr[-500:]}")
     out = root / "files"

@@ -24,10 +24,20 @@ FRENCH = {"steering": {"interventions": [{"sae": "layer15", "feature": "non-engl
                                           "multiple_of_max": 1.0}]}}
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: each socket stays bound until all are chosen, so two never match."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def get_json(url: str, headers: dict[str, str] = AUTH) -> tuple[int, dict]:
@@ -53,7 +63,7 @@ class Server:
 
 def start_server(config: Path, folder: Path, *vllm_args: str) -> Server:
     """`sae-serve serve` with ``config``, eager, a 1024-token context and the test API key."""
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = free_ports(2)
     log = folder / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "sae_serve.cli", "serve", "--port", str(port),
                              "--grpc-port", str(grpc_port), "--config", str(config), "--",
@@ -92,8 +102,14 @@ def metric(base: str, name: str, **labels: str) -> float:
 def server_rss(proc: subprocess.Popen) -> int:
     import psutil
 
+    def rss(p: psutil.Process) -> int:
+        try:
+            return p.memory_info().rss
+        except psutil.NoSuchProcess:  # a helper process that exited since it was listed holds nothing
+            return 0
+
     root = psutil.Process(proc.pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    return sum(rss(p) for p in [root, *root.children(recursive=True)])
 
 
 class WithApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -76,12 +76,12 @@ def test_chat_and_streaming_are_steered(client) -> None:
 def test_stream_chunks_carry_the_activations_of_their_tokens(client) -> None:
     c, model = client
     body = {**FRENCH, "return_features": {"sae": "layer15", "top_k": 2}}
-    whole = c.completions.create(model=model, prompt="The weather today is", max_tokens=6, temperature=0,
+    whole = c.completions.create(model=model, prompt="The weather today is", max_tokens=12, temperature=0,
                                  extra_body=body)
-    chunks = list(c.completions.create(model=model, prompt="The weather today is", max_tokens=6, temperature=0,
+    chunks = list(c.completions.create(model=model, prompt="The weather today is", max_tokens=12, temperature=0,
                                        stream=True, extra_body=body))
     with_sae = [ch.model_extra["sae"] for ch in chunks if (ch.model_extra or {}).get("sae")]
-    assert len(with_sae) > 2  # spread over the stream, not all at the end
+    assert len(with_sae) > 2  # spread over the stream, not all at the end (12 tokens: chunks merge if reading lags)
     assert chunks[-1].choices[0].finish_reason is not None and "applied" in with_sae[-1]
     assert all("applied" not in sae for sae in with_sae[:-1])
     plain = whole.model_extra["sae"]
@@ -254,7 +254,7 @@ def test_a_real_prometheus_scrapes_the_watched_features(server, tmp_path) -> Non
             time.sleep(2)
             try:
                 result = _get(url)[1]["data"]["result"]
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or a 503 in plain text while its TSDB opens
                 continue
         assert {r["metric"]["feature"] for r in result} >= {"wrongdoing", "cunning", "military"}
         assert all(float(r["value"][1]) > 0 for r in result)

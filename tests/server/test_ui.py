@@ -154,5 +154,5 @@ def test_watchlist_shows_firing_rates(browser):
 
     wait(browser).until(lambda d: len(cells(d)) == 7)
     assert int(float(cells(browser)[2])) > 0  # the playground's requests were watched
-    wait(browser, 10).until(lambda d: len(c := cells(d)) == 7 and c[6].strip() != "–")  # a second poll
+    wait(browser, 30).until(lambda d: len(c := cells(d)) == 7 and c[6].strip() != "–")  # a second poll
     screenshot(browser, "watchlist")
