@@ -22,13 +22,14 @@ import torch
 from sae_serve.errors import SaeFormatError
 from sae_serve.sae.converters_extra import (
     DICTIONARY_LEARNING_WEIGHTS,
+    GEMMA_SCOPE_2_PARAMS,
     LLAMA_SCOPE_WEIGHTS,
     from_dictionary_learning,
+    from_gemma_scope_2,
     from_llama_scope,
     from_state_dict_file,
 )
 from sae_serve.sae.reading import (
-    HOOK_NAME,
     Converted,
     as_float32,
     field,
@@ -40,6 +41,7 @@ from sae_serve.sae.reading import (
     refuse,
     refuse_unknown,
     require_layer,
+    residual_hook,
 )
 
 SAELENS_CFG = "cfg.json"
@@ -72,7 +74,15 @@ _SAELENS_FIELDS = frozenset({
     "l1_coefficient", "lp_norm", "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
     "l0_coefficient", "pre_act_loss_coefficient", "use_sparse_activations", "aux_loss_coefficient",
     "topk_threshold_lr", "matryoshka_widths", "training_architecture", "training_architecture_details",
+    "l1_warm_up_steps", "l0_warm_up_steps", "jumprelu_tanh_scale", "jumprelu_ste_to_input", "target_l0",
+    "use_matryoshka_aux_loss",
 })
+
+
+def _saelens_6(cfg: dict[str, Any]) -> bool:
+    """Written by SAELens 6 or later (or by us): a ``metadata`` object, or a version from 6 on."""
+    major = str(cfg.get("sae_lens_version") or cfg.get("sae_lens_training_version") or "0").split(".")[0]
+    return isinstance(cfg.get("metadata"), dict) or (major.isdigit() and int(major) >= 6)
 
 
 def _saelens_architecture(cfg: dict[str, Any], source: Path) -> str:
@@ -92,12 +102,15 @@ def _saelens_architecture(cfg: dict[str, Any], source: Path) -> str:
 
 def _saelens_checks(cfg: dict[str, Any], metadata: dict[str, Any], source: Path) -> None:
     norm = cfg.get("normalize_activations")
-    if norm in (True, "expected_average_only_in"):
-        raise refuse(source, "normalize_activations", norm, "its scale factor is not in the file (SAELens keeps it "
-                      "as norm_scaling_factor in pretrained_saes.yaml): fold it in (W_enc *= s, W_dec /= s, "
-                      "b_dec /= s) and set 'none'")
-    if norm not in (None, False, "none"):
+    # expected_average_only_in (True before 6): SAELens' trainer folds the dataset scale into the weights
+    # it saves, and SAELens' SAE computes the option as no normalisation, as we do.
+    if norm not in (None, False, True, "none", "expected_average_only_in"):
         raise refuse(source, "normalize_activations", norm, "per-token normalisation of the input is not")
+    kwargs = cfg.get("model_from_pretrained_kwargs")
+    if isinstance(kwargs, dict) and kwargs.get("center_writing_weights"):
+        raise refuse(source, "model_from_pretrained_kwargs.center_writing_weights", True, "the SAE read a "
+                      "TransformerLens model whose writing weights were centred, so its residual stream (mean "
+                      "removed) is not the one this model computes")
     if cfg.get("reshape_activations") not in (None, "none"):
         raise refuse(source, "reshape_activations", cfg["reshape_activations"],
                       "only residual-stream SAEs are (hook_z SAEs read attention heads)")
@@ -141,21 +154,24 @@ def from_saelens(folder: Path, hook_layer: int | None) -> Converted:
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     arch = _saelens_architecture(cfg, cfg_path)
     _saelens_checks(cfg, metadata, cfg_path)
-    refuse_unknown(cfg, _SAELENS_FIELDS, cfg_path)
+    if _saelens_6(cfg):
+        refuse_unknown(cfg, _SAELENS_FIELDS, cfg_path)
+    # (Before 6, SAELens' trainer saved its whole run config here, and SAELens reads only the SAE's own
+    # fields, every one of which is read or checked above: the rest trained the SAE.)
     point = str(cfg.get("hook_point", "resid_post"))  # ours ("resid_post"), or SAELens' old name of hook_name
-    hook_name = cfg.get("hook_name") or (point if point.startswith("blocks.") else "") or metadata.get("hook_name")
-    match = HOOK_NAME.match(hook_name or "")
-    if hook_name and not match:
+    hook_name = cfg.get("hook_name") or (point if point not in ("resid_post", "resid_pre") else "") or \
+        metadata.get("hook_name")
+    hook = residual_hook(str(hook_name or ""))
+    if hook_name and hook is None:
         raise refuse(cfg_path, "hook_name", hook_name, "only residual-stream SAEs are "
-                      "(blocks.N.hook_resid_post or blocks.N.hook_resid_pre)")
-    recorded = int(match.group(1)) if match else cfg.get("hook_layer", cfg.get("hook_point_layer",
-                                                                                 metadata.get("hook_layer")))
+                      "(blocks.N.hook_resid_post, blocks.N.hook_resid_pre, or a decoder layer's output model.layers.N)")
+    recorded = hook[0] if hook else cfg.get("hook_layer", cfg.get("hook_point_layer", metadata.get("hook_layer")))
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     config = make_config(
         cfg_path, architecture=_SAELENS_ARCHITECTURES[arch], d_in=field(cfg, "d_in", int, cfg_path),
         d_sae=field(cfg, "d_sae", int, cfg_path),
         hook_layer=require_layer(cfg_path, hook_layer if hook_layer is not None else recorded),
-        hook_point=match.group(2) if match else point,
+        hook_point=hook[1] if hook else point,
         model_name=cfg.get("model_name") or metadata.get("model_name"),
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         k=int(k) if k is not None and arch == "topk" else None)
@@ -238,11 +254,13 @@ def detect(path: Path) -> tuple[Callable[[Path, int | None], Converted], Path]:
                                            (SPARSIFY_WEIGHTS, from_sparsify, path),
                                            (DICTIONARY_LEARNING_WEIGHTS, from_dictionary_learning, path),
                                            (LLAMA_SCOPE_WEIGHTS, from_llama_scope, path),
-                                           (GEMMA_SCOPE_PARAMS, from_gemma_scope, path / GEMMA_SCOPE_PARAMS)):
+                                           (GEMMA_SCOPE_PARAMS, from_gemma_scope, path / GEMMA_SCOPE_PARAMS),
+                                           (GEMMA_SCOPE_2_PARAMS, from_gemma_scope_2, path)):
             if (path / weights).exists():
                 return converter, source
         raise SaeFormatError(path, f"no SAE found: expected {SAELENS_WEIGHTS} (SAELens), {SPARSIFY_WEIGHTS} "
                              f"(sparsify), {DICTIONARY_LEARNING_WEIGHTS} (dictionary_learning), "
-                             f"{LLAMA_SCOPE_WEIGHTS} (Llama Scope) or {GEMMA_SCOPE_PARAMS} (Gemma Scope), or pass a "
+                             f"{LLAMA_SCOPE_WEIGHTS} (Llama Scope), {GEMMA_SCOPE_PARAMS} (Gemma Scope) or "
+                             f"{GEMMA_SCOPE_2_PARAMS} (Gemma Scope 2), or pass a "
                              ".npz (Gemma Scope) or .pt/.pth file (Goodfire)")
     raise SaeFormatError(path, "no such SAE folder or .npz/.pt file")

@@ -1,7 +1,7 @@
 """Converters for research checkpoints: saprmarks/dictionary_learning trainers, OpenMOSS Llama
-Scope (lm_saes), and single-file state dicts (Goodfire's Llama SAEs; OpenAI's GPT-2 autoencoders,
-recognised and refused). Same rules as ``converters.py``: each field maps onto our math exactly or
-is refused by name."""
+Scope (lm_saes), Gemma Scope 2 (params.safetensors), and single-file state dicts (Goodfire's Llama
+SAEs; OpenAI's GPT-2 autoencoders, recognised and refused). Same rules as ``converters.py``: each
+field maps onto our math exactly or is refused by name."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 
 from sae_serve.errors import SaeFormatError
 from sae_serve.sae.reading import (
-    HOOK_NAME,
     Converted,
     field,
     fold_decoder_norms,
@@ -25,6 +24,7 @@ from sae_serve.sae.reading import (
     refuse,
     refuse_unknown,
     require_layer,
+    residual_hook,
     torch_state,
 )
 
@@ -32,6 +32,8 @@ DICTIONARY_LEARNING_WEIGHTS = "ae.pt"
 DICTIONARY_LEARNING_CFG = "config.json"
 LLAMA_SCOPE_CFG = "hyperparams.json"
 LLAMA_SCOPE_WEIGHTS = "checkpoints/final.safetensors"
+GEMMA_SCOPE_2_PARAMS = "params.safetensors"
+GEMMA_SCOPE_2_CFG = "config.json"
 
 
 # --- saprmarks/dictionary_learning: trainer_N/ae.pt + config.json -------------------------------
@@ -112,7 +114,11 @@ _LLAMA_SCOPE_FIELDS = frozenset({
     "sparsity_include_decoder_norm", "top_k", "dataset_average_activation_norm", "sae_type",
     "sae_pretrained_name_or_path", "strict_loading", "l1_coefficient", "lp", "dtype", "device",
     "use_triton_kernel", "force_unit_decoder_norm", "sparsity_threshold_for_triton_spmm_kernel",
-    "jumprelu_threshold_window"})
+    "jumprelu_threshold_window",
+    # training only (the released fnlp/Llama3_1-8B-Base-L*R-* files carry them)
+    "seed", "bias_init_method", "decoder_exactly_fixed_norm", "init_decoder_norm", "init_encoder_norm",
+    "init_encoder_with_decoder_transpose", "l1_coefficient_warmup_steps", "k_warmup_steps", "use_batch_norm_mse",
+    "use_ghost_grads", "tp_size", "ddp_size"})
 
 
 def _llama_scope_scales(cfg: dict[str, Any], source: Path) -> tuple[float, float]:
@@ -146,8 +152,8 @@ def from_llama_scope(folder: Path, hook_layer: int | None) -> Converted:
         if bad:
             raise refuse(cfg_path, name, value, why)
     refuse_unknown(cfg, _LLAMA_SCOPE_FIELDS, cfg_path)
-    match = HOOK_NAME.match(str(cfg.get("hook_point_in", "")))
-    if not match:
+    hook = residual_hook(str(cfg.get("hook_point_in", "")))
+    if hook is None:
         raise refuse(cfg_path, "hook_point_in", cfg.get("hook_point_in"), "only residual-stream SAEs are")
     s_in, s_out = _llama_scope_scales(cfg, cfg_path)
     bias = bool(cfg.get("use_decoder_bias", True))
@@ -180,9 +186,62 @@ def from_llama_scope(folder: Path, hook_layer: int | None) -> Converted:
     tensors["W_dec"], tensors["b_dec"] = tensors["W_dec"] / s_out, tensors["b_dec"] / s_out  # back to raw units
     config = make_config(
         cfg_path, architecture=act, d_in=field(cfg, "d_model", int, cfg_path), d_sae=d_sae,
-        hook_layer=hook_layer if hook_layer is not None else int(match.group(1)), hook_point=match.group(2),
+        hook_layer=hook_layer if hook_layer is not None else hook[0], hook_point=hook[1],
         apply_b_dec_to_input=subtract, k=int(cfg.get("top_k", 50)) if act == "topk" else None)
     return config, {n: t.contiguous() for n, t in tensors.items()}
+
+
+# --- Gemma Scope 2 (Gemma 3): <site>/layer_N_width_W_l0_L/{config.json, params.safetensors} -------
+_GEMMA_SCOPE_2_FIELDS = frozenset({"width", "model_name", "architecture", "l0", "affine_connection", "type",
+                                   "hf_hook_point_in", "hf_hook_point_out"})
+_GEMMA_SCOPE_2_TENSORS = {"w_enc": "W_enc", "w_dec": "W_dec", "b_enc": "b_enc", "b_dec": "b_dec",
+                          "threshold": "threshold"}
+
+
+def _gemma_scope_2_site(cfg: dict[str, Any], folder: Path, cfg_path: Path) -> int | None:
+    """The residual-stream layer the SAE reads: from config.json's Hugging Face hook points, or, in a
+    folder without one, from the release's site folder (resid_post/, resid_post_all/)."""
+    if cfg.get("type", "sae") != "sae":
+        raise refuse(cfg_path, "type", cfg["type"], "only SAEs are (a transcoder predicts another site)")
+    if cfg.get("affine_connection"):
+        raise refuse(cfg_path, "affine_connection", True, "a skip connection adds a map outside the dictionary")
+    if "hf_hook_point_in" in cfg:
+        hook = residual_hook(str(cfg["hf_hook_point_in"]))
+        if hook is None:
+            raise refuse(cfg_path, "hf_hook_point_in", cfg["hf_hook_point_in"], "only residual-stream SAEs "
+                          "(model.layers.N.output) are")
+        if cfg.get("hf_hook_point_out", cfg["hf_hook_point_in"]) != cfg["hf_hook_point_in"]:
+            raise refuse(cfg_path, "hf_hook_point_out", cfg["hf_hook_point_out"], "a transcoder predicts another site")
+        return hook[0]
+    if not folder.parent.name.startswith("resid_post"):
+        raise SaeFormatError(folder, f"no {GEMMA_SCOPE_2_CFG} and a site folder {folder.parent.name!r}: only "
+                             "residual-stream SAEs (resid_post/) are supported, and no other site could be told apart")
+    return layer_from_path(Path(folder.name), r"layer_(\d+)")
+
+
+def from_gemma_scope_2(folder: Path, hook_layer: int | None) -> Converted:
+    """JumpReLU without b_dec subtracted, as Gemma Scope 1 (tensors named w_enc, w_dec...)."""
+    cfg_path = folder / GEMMA_SCOPE_2_CFG
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
+    if cfg.get("architecture", "jump_relu") != "jump_relu":
+        raise refuse(cfg_path, "architecture", cfg["architecture"], "Gemma Scope 2 SAEs are jump_relu")
+    refuse_unknown(cfg, _GEMMA_SCOPE_2_FIELDS, cfg_path)
+    layer = _gemma_scope_2_site(cfg, folder, cfg_path)
+    path = folder / GEMMA_SCOPE_2_PARAMS
+    raw = read_safetensors(path)
+    if set(raw) != set(_GEMMA_SCOPE_2_TENSORS):
+        odd = sorted(set(raw) ^ set(_GEMMA_SCOPE_2_TENSORS))[0]
+        raise SaeFormatError(path, f"tensor {odd} is {'missing' if odd not in raw else 'not part of a residual SAE'}")
+    tensors = {ours: raw[theirs] for theirs, ours in _GEMMA_SCOPE_2_TENSORS.items()}
+    if tensors["W_enc"].ndim != 2:
+        raise SaeFormatError(path, "tensor w_enc must be 2-D")
+    d_in, d_sae = tensors["W_enc"].shape
+    if cfg.get("width", d_sae) != d_sae:
+        raise SaeFormatError(cfg_path, f"field width={cfg['width']} but w_enc has {d_sae} features")
+    config = make_config(
+        path, architecture="jumprelu", d_in=d_in, d_sae=d_sae, model_name=cfg.get("model_name"),
+        hook_layer=require_layer(path, hook_layer if hook_layer is not None else layer), apply_b_dec_to_input=False)
+    return config, tensors
 
 
 # --- single-file state dicts: Goodfire's Llama SAEs, OpenAI's GPT-2 autoencoders ---------------

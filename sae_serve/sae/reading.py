@@ -17,6 +17,19 @@ from sae_serve.sae.model import SaeConfig
 
 Converted = tuple[SaeConfig, dict[str, torch.Tensor]]
 HOOK_NAME = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre)$")
+# A decoder layer's module path in a Hugging Face model (SAELens on HF models, Gemma Scope 2's
+# hf_hook_point_in): its output is the residual stream after that layer.
+LAYER_OUTPUT = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)(?:\.output)?$")
+
+
+def residual_hook(name: str) -> tuple[int, str] | None:
+    """(layer, "resid_post" or "resid_pre") of a residual-stream hook name, else None: TransformerLens's
+    ``blocks.N.hook_resid_post``, or a decoder layer's module path (``model.layers.N``)."""
+    if match := HOOK_NAME.match(name):
+        return int(match.group(1)), match.group(2)
+    if match := LAYER_OUTPUT.match(name):
+        return int(match.group(1)), "resid_post"
+    return None
 
 def read_json(path: Path) -> dict[str, Any]:
     try:

@@ -108,8 +108,7 @@ def test_saelens_training_checkpoints_and_old_configs(tmp_path: Path) -> None:
     ({"architecture": "gated"}, {}, "architecture='gated'"),
     ({"architecture": "skip_transcoder", "d_out": D}, {}, "architecture='skip_transcoder'"),
     ({"architecture": "jumprelu_transcoder"}, {}, "architecture='jumprelu_transcoder'"),
-    ({"normalize_activations": "expected_average_only_in"}, {}, "normalize_activations='expected_average_only_in'"),
-    ({"normalize_activations": True}, {}, "normalize_activations=True"),
+    ({"model_from_pretrained_kwargs": {"center_writing_weights": True}}, {}, "center_writing_weights=True"),
     ({"normalize_activations": "constant_norm_rescale"}, {}, "normalize_activations='constant_norm_rescale'"),
     ({"reshape_activations": "hook_z"}, {}, "reshape_activations='hook_z'"),
     ({"metadata": {"hook_name": "blocks.4.attn.hook_z"}}, {}, "hook_name='blocks.4.attn.hook_z'"),
@@ -125,6 +124,74 @@ def test_saelens_options_that_change_the_math_are_refused_by_name(tmp_path: Path
     with pytest.raises(SaeFormatError, match=field) as info:
         load_sae(folder)
     assert str(folder) in str(info.value)
+
+
+def test_saelens_runner_configs_before_6_and_sae_on_hugging_face_models_load(tmp_path: Path) -> None:
+    """Before 6, SAELens' trainer saved its whole run config as cfg.json (as gpt2-small-res-jb's and
+    most community files are), with expected_average_only_in already folded into the weights; SAELens
+    reads only the SAE's fields. An SAE trained on a Hugging Face model names its hook by module path."""
+    t, x = _random(3, decoder_norms=False), _x()
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    old = tmp_path / "runner"
+    _write_saelens(old, t)
+    (old / "cfg.json").write_text(json.dumps({
+        "model_name": "gpt2-small", "hook_point": "blocks.8.hook_resid_pre", "hook_point_layer": 8, "d_in": D,
+        "d_sae": F, "dataset_path": "Skylion007/openwebtext", "is_dataset_tokenized": False, "context_size": 128,
+        "use_cached_activations": False, "b_dec_init_method": "geometric_median", "expansion_factor": F // D,
+        "normalize_activations": True, "lr": 4e-4, "lr_scheduler_name": "constant", "l1_coefficient": 8e-5,
+        "use_ghost_grads": True, "feature_sampling_window": 1000, "wandb_project": "gpt2", "seed": 42,
+        "n_batches_in_buffer": 128, "sae_lens_training_version": "3.5.0", "apply_b_dec_to_input": True}))
+    sae = load_sae(old)
+    assert (sae.cfg.architecture, sae.hook_layer, sae.hook_point) == ("relu", 8, "resid_pre")
+    _check(sae, torch.relu(pre), torch.relu(pre) @ t["W_dec"] + t["b_dec"], x)
+    hf = _write_saelens(tmp_path / "hf", t, architecture="standard", l1_warm_up_steps=1000,
+                        metadata={"model_name": "Qwen/Qwen2.5-0.5B", "hook_name": "model.layers.11",
+                                  "sae_lens_version": "6.54.12"})
+    assert (load_sae(hf).hook_layer, load_sae(hf).hook_point) == (11, "resid_post")
+    new = _write_saelens(tmp_path / "new", t, architecture="standard", some_new_option=2)  # 6.x: still refused
+    with pytest.raises(SaeFormatError, match="field 'some_new_option' is not one this loader knows"):
+        load_sae(new)
+
+
+# --- Gemma Scope 2 -------------------------------------------------------------------------------
+def _write_gemma_scope_2(folder: Path, t: dict[str, torch.Tensor], cfg: dict | None, **extra: torch.Tensor) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"w_enc": t["W_enc"].float().contiguous(), "w_dec": t["W_dec"].float().contiguous(),
+               "b_enc": t["b_enc"].float(), "b_dec": t["b_dec"].float(), "threshold": torch.full((F,), 0.2),
+               **extra}, str(folder / "params.safetensors"))
+    if cfg is not None:  # as google/gemma-scope-2-4b-pt resid_post/layer_17_width_16k_l0_big/config.json
+        (folder / "config.json").write_text(json.dumps({
+            "width": F, "model_name": "google/gemma-3-4b-pt", "architecture": "jump_relu", "l0": 150,
+            "affine_connection": False, "hf_hook_point_in": "model.layers.17.output",
+            "hf_hook_point_out": "model.layers.17.output", "type": "sae", **cfg}))
+    return folder
+
+
+def test_gemma_scope_2_computes_its_jumprelu_and_refuses_other_sites(tmp_path: Path) -> None:
+    t, x = _random(4), _x()
+    pre = x @ t["W_enc"] + t["b_enc"]  # no b_dec subtracted; pre * (pre > threshold)
+    acts = pre * (pre > 0.2)
+    sae = load_sae(_write_gemma_scope_2(tmp_path / "resid_post" / "layer_17_width_16k_l0_big", t, {}))
+    assert (sae.cfg.architecture, sae.hook_layer, sae.hook_point, sae.cfg.model_name) == (
+        "jumprelu", 17, "resid_post", "google/gemma-3-4b-pt")
+    _check(sae, acts, acts @ t["W_dec"] + t["b_dec"], x)
+    bare = load_sae(_write_gemma_scope_2(tmp_path / "resid_post_all" / "layer_6_width_16k_l0_small", t, None))
+    assert bare.hook_layer == 6  # no config.json: the site folder and the layer from the folder's name
+    _check(bare, acts, acts @ t["W_dec"] + t["b_dec"], x)
+    for name, cfg, extra, message in (
+            ("mlp", {"hf_hook_point_in": "model.layers.17.post_feedforward_layernorm.output",
+                     "hf_hook_point_out": "model.layers.17.post_feedforward_layernorm.output"}, {},
+             "hf_hook_point_in='model.layers.17.post_feedforward_layernorm.output'"),
+            ("tc", {"type": "transcoder", "hf_hook_point_out": "model.layers.17.post_feedforward_layernorm.output"},
+             {}, "type='transcoder'"),
+            ("skip", {"affine_connection": True}, {"affine_skip_connection": torch.zeros(D, D)}, "affine_connection"),
+            ("extra", {}, {"affine_skip_connection": torch.zeros(D, D)}, "tensor affine_skip_connection is not"),
+            ("arch", {"architecture": "topk"}, {}, "architecture='topk'"),
+            ("new", {"mystery": 1}, {}, "field 'mystery' is not one this loader knows")):
+        with pytest.raises(SaeFormatError, match=message):
+            load_sae(_write_gemma_scope_2(tmp_path / name / "layer_17_width_16k_l0_big", t, cfg, **extra))
+    with pytest.raises(SaeFormatError, match="site folder 'mlp_out_all'"):
+        load_sae(_write_gemma_scope_2(tmp_path / "mlp_out_all" / "layer_3_width_16k_l0_big", t, None))
 
 
 # --- sparsify -------------------------------------------------------------------------------
@@ -245,7 +312,11 @@ def _write_llama_scope(folder: Path, t: dict[str, torch.Tensor], **cfg) -> Path:
         "expansion_factor": F // D, "use_decoder_bias": True, "use_glu_encoder": False, "act_fn": "jumprelu",
         "jump_relu_threshold": 0.5, "apply_decoder_bias_to_pre_encoder": False, "norm_activation": "dataset-wise",
         "sparsity_include_decoder_norm": True, "top_k": 4, "dataset_average_activation_norm": {"in": 9.0, "out": 9.0},
-        "l1_coefficient": 8e-5, "lp": 1, **cfg}))
+        "l1_coefficient": 8e-5, "lp": 1, "seed": 42, "bias_init_method": "all_zero",
+        "decoder_exactly_fixed_norm": False, "init_decoder_norm": 0.5, "init_encoder_norm": None,
+        "init_encoder_with_decoder_transpose": True,
+        "l1_coefficient_warmup_steps": 78125, "k_warmup_steps": 78125, "use_batch_norm_mse": True,
+        "use_ghost_grads": False, "tp_size": 1, "ddp_size": 1, **cfg}))  # (as fnlp's released files)
     return folder
 
 
