@@ -263,12 +263,15 @@ class WorkerCapabilities:
                                 f"(exposed: {list(self.hidden_layers)}; config hidden_states.layers)")
         limits.check_hidden_states(request, self.max_model_len, self.d_model)
 
-    @staticmethod
-    def ended_by_guardrail(abort_fired: bool, finish_reason: str | None, stop_reason: object) -> bool:
+    def ended_by_guardrail(self, abort_fired: bool, finish_reason: str | None, stop_reason: object) -> bool:
         """Whether an output that finished so was ended by an abort rule: one fired, and the output
         ended on EOS (or at max_tokens, under ignore_eos), not on a stop string or token of the
-        client's. (A rule that fires on the model's own last EOS reads as an abort too.)"""
-        return abort_fired and finish_reason in ("stop", "length") and stop_reason is None
+        client's. (A rule that fires on the model's own last EOS reads as an abort too.) The token
+        the workers emit is the config's first EOS; where the tokenizer's EOS is another one (Llama
+        3: 128001 of [128001, 128008, 128009], the tokenizer's 128009), vLLM stops on it as on a
+        stop token, naming it as the stop reason."""
+        return (abort_fired and finish_reason in ("stop", "length")
+                and (stop_reason is None or stop_reason == self.stop_token))
 
     def _check_guardrails(self, request: ResolvedRequest) -> None:
         rule = request.guardrails[0]

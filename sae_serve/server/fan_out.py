@@ -56,11 +56,15 @@ def unsplittable(request: Any) -> dict[str, int]:
             "kv_transfer_params": transfer}
 
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily
+
+
 def _n(request: Any) -> int:
     """The request's ``n`` as it is split; 1 where vLLM would not run it (``n`` below 1, or above 1
     with greedy sampling): such a request is sent whole, for vLLM's own 400."""
     n = request.n if request.n is not None else 1
-    return n if n >= 1 and (n == 1 or request.temperature != 0) else 1
+    greedy = request.temperature is not None and request.temperature < GREEDY_BELOW
+    return n if n >= 1 and (n == 1 or not greedy) else 1
 
 
 def sequence_count(request: Any) -> tuple[str, int]:
@@ -220,7 +224,7 @@ async def merge(parts: list[Part], coros: list[Coroutine[Any, Any, Response | No
     """Run the parts (each answer already carries its ``sae`` object) and answer as the client's
     one request: merged when every part succeeded, else the first failure."""
     answers, failure = await _answers(coros)
-    if failure is not None:
+    if failure is not None or None in answers:  # (None: vLLM's answer to a client that hung up)
         for answer in answers:
             if isinstance(answer, StreamingResponse):
                 await answer.body_iterator.aclose()  # type: ignore[attr-defined]

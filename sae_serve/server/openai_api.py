@@ -129,12 +129,15 @@ async def _answer(vllm_handler: Callable[..., Awaitable[Response]], request: Any
     try:
         collected = await service.collect(engine_client, prepared)
     except WorkerError as exc:
-        return _error(500, str(exc), None)
-    if (sae := service.response_object(prepared, collected)) is not None:
-        body["sae"] = sae
-    _mark_aborted(body, collected, service)
-    return JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
-                                               if k.lower() not in ("content-length", "content-type")})
+        answer = _error(500, str(exc), None)
+    else:
+        if (sae := service.response_object(prepared, collected)) is not None:
+            body["sae"] = sae
+        _mark_aborted(body, collected, service)
+        answer = JSONResponse(content=body, headers={k: v for k, v in response.headers.items()
+                                                     if k.lower() not in ("content-length", "content-type")})
+    answer.background = response.background  # vLLM's own tasks after the answer (--enable-server-load-tracking)
+    return answer
 
 
 def _mark_aborted(body: dict[str, Any], collected: Collected, service: SteeringService) -> None:

@@ -182,7 +182,8 @@ class SteeringService:
 
     def ended_by_guardrail(self, collected: Collected, finish_reason: str | None, stop_reason: object) -> bool:
         """Whether an output that finished so was ended by an abort rule (``WorkerCapabilities``)."""
-        return WorkerCapabilities.ended_by_guardrail(collected.aborted, finish_reason, stop_reason)
+        return self.capabilities is not None and self.capabilities.ended_by_guardrail(
+            collected.aborted, finish_reason, stop_reason)
 
     def _check_upstream(self, resolved: ResolvedRequest) -> None:
         """The server's own triggers must read the stream as the model computes it: a request may not

@@ -124,3 +124,17 @@ def test_positions_computed_again_replace_the_earlier_rows() -> None:
     full.add("k", "s", _acts(6, k=1))
     full.add("k", "s", _acts(6, k=1, value=3.0))
     assert full.pop("k").features["s"].values == [[3.0]] * 6
+
+
+@pytest.mark.parametrize(("fired", "finish", "stop_reason", "aborted"), [
+    (True, "stop", None, True),  # the tokenizer's EOS is the one the workers emit
+    (True, "stop", 128001, True),  # Llama 3: the workers emit the config's first EOS, vLLM names it a stop token
+    (True, "length", None, True),  # under ignore_eos the emitted EOS does not end it; max_tokens does
+    (True, "stop", 128009, False),  # another of the client's or the model's stop tokens ended it
+    (True, "stop", "###", False),  # a stop string
+    (False, "stop", 128001, False),  # no abort fired: the model's own end
+])
+def test_an_abort_is_told_from_the_models_own_end(fired: bool, finish: str, stop_reason: object,
+                                                   aborted: bool) -> None:
+    workers = WorkerCapabilities(graph_mode=False, slots=8, max_model_len=1024, stop_token=128001)
+    assert workers.ended_by_guardrail(fired, finish, stop_reason) is aborted

@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from sae_serve.server.fan_out import merge_bodies, merge_streams, sequence_count, split, unsplittable
+from sae_serve.server.fan_out import merge, merge_bodies, merge_streams, sequence_count, split, unsplittable
 
 
 def _request(**fields):
@@ -30,6 +30,8 @@ def test_a_request_splits_prompt_major_with_vllms_child_seeds() -> None:
     assert sequence_count(_request(prompt=["a", "b"], n=3, temperature=1.0)) == ("n", 6)
     greedy = _request(prompt="a", n=2, temperature=0)  # vLLM's own 400: sent whole
     assert [p.request for p in split(greedy)] == [greedy] and sequence_count(greedy) == ("prompt", 1)
+    nearly = _request(prompt="a", n=2, temperature=1e-6)  # greedy to vLLM too (below its 1e-5)
+    assert [p.request for p in split(nearly)] == [nearly]
     assert [p.request.n for p in split(_request(prompt="a", n=-1))] == [-1]
 
 
@@ -106,3 +108,18 @@ def test_a_parts_error_ends_the_stream_and_every_part() -> None:
     closed.clear()
     asyncio.run(hang_up())
     assert sorted(closed) == [0, 1, 2]
+
+
+def test_a_part_whose_client_left_ends_the_merge_without_an_answer() -> None:
+    from fastapi.responses import JSONResponse
+
+    parts = split(_request(prompt="a", n=2))
+    ran: list[int] = []
+
+    async def part(i: int):  # vLLM's with_cancellation answers None to a client that hung up
+        if i == 1:
+            return None
+        return JSONResponse({"id": "c", "choices": [{"index": 0, "text": "x"}]}, background=lambda: ran.append(i))
+
+    assert asyncio.run(merge(parts, [part(i) for i in range(2)])) is None
+    assert ran == [0]  # the answered part's own background task (vLLM's load count) still ran
