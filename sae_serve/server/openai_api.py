@@ -28,8 +28,9 @@ from sae_serve import envs
 from sae_serve.config import config_from_env
 from sae_serve.engines.protocol import PREFIX
 from sae_serve.engines.vllm_releases import replace_route
-from sae_serve.errors import PolicyError, SpecError, WorkerError
+from sae_serve.errors import SpecError, WorkerError
 from sae_serve.server.fan_out import Part, merge, sequence_count, split, unsplittable
+from sae_serve.server.http_errors import error_body, spec_status
 from sae_serve.server.service import (
     GUARDRAIL_STOP,
     Collected,
@@ -37,6 +38,7 @@ from sae_serve.server.service import (
     SteeringService,
     hidden_states_json,
 )
+from sae_serve.server.unsteered_routes import UnsteeredRoutes
 from sae_serve.steering.spec import FeatureReadoutSpec, Guardrail, HiddenStatesSpec, SteeringSpec
 
 STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
@@ -47,16 +49,8 @@ GUARDRAILS_DOC = ("sae_serve: rules on a feature or probe that steer, abort (fin
                   "this request when they fire.")
 
 
-ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               500: "InternalServerError"}
-
-
-def _error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": ERROR_TYPES[status], "param": param, "code": status}}
-
-
 def _error(status: int, message: str, param: str | None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=_error_body(status, message, param))
+    return JSONResponse(status_code=status, content=error_body(status, message, param))
 
 
 @model_validator(mode="before")
@@ -89,7 +83,7 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
                                        client_salt=request.cache_salt, fan_out=unsplittable(request),
                                        sequences=sequence_count(request))
         except SpecError as exc:
-            return _error(403 if isinstance(exc, PolicyError) and exc.forbidden else 400, str(exc), exc.field)
+            return _error(spec_status(exc), str(exc), exc.field)
         if prepared is None:
             return await vllm_handler(request, raw_request)
         if prepared.aborts and (field := _structured(request)) is not None:  # a grammar refuses an early EOS: a 500
@@ -184,7 +178,7 @@ async def _with_sae(chunks: AsyncIterator[Any], service: SteeringService, prepar
                     collected = await service.collect(engine_client, prepared)
                 except WorkerError as exc:
                     finished = True
-                    yield f"data: {json.dumps(_error_body(500, str(exc), None))}\n\ndata: [DONE]\n\n"
+                    yield f"data: {json.dumps(error_body(500, str(exc), None))}\n\ndata: [DONE]\n\n"
                     return
                 checked = True
                 if finished:
@@ -236,6 +230,7 @@ class SaeServeEndpoints:
         from sae_serve.server.ui import attach_ui
 
         attach_ui(app)
+        app.add_middleware(UnsteeredRoutes)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         config = config_from_env()

@@ -82,6 +82,22 @@ def test_specs_smuggled_in_vllm_xargs_are_ignored_on_every_route(server, client)
     assert forwarded >= 7  # completions and chat at least
 
 
+def test_steering_sent_to_a_route_that_does_not_steer_is_a_400_naming_it(server, client) -> None:
+    """Not a silently unsteered answer; the same body without it is served as vLLM serves it."""
+    _, model = client
+    with httpx.Client(base_url=server.base, headers=AUTH, timeout=120) as http:
+        for path in ("/v1/responses", "/v1/messages"):
+            body, _ = _routes(model)[path]
+            if http.post(path, json=body).status_code == 404:
+                continue  # a route this vLLM does not serve
+            for field, value in (("steering", STRONG["steering"]), ("return_features", {"sae": "layer15"})):
+                got = http.post(path, json={**body, field: value})
+                assert got.status_code == 400 and got.json()["error"]["param"] == field, (path, got.text)
+                assert f"{path} does not steer: send {field} to /v1/completions" in got.json()["error"]["message"]
+        streamed = http.post("/v1/responses", json={**_routes(model)["/v1/responses"][0], "stream": True})
+        assert streamed.status_code in (200, 404)  # a body read by the guard still reaches vLLM whole
+
+
 def test_a_guessed_salt_cannot_poison_a_steered_prefix(server, client, reference) -> None:
     """Plain first with the salt a client could compute (the spec's hash, or any guess), then
     steered, then plain again: each equals its own solo run (the reference engine)."""

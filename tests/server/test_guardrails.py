@@ -104,6 +104,20 @@ def test_the_servers_own_rule_applies_unseen_to_requests_that_name_none(guarded)
     assert "".join(e["choices"][0]["text"] for e in events) == warlike["choices"][0]["text"]
 
 
+def test_the_servers_rules_also_cut_routes_that_do_not_steer(guarded) -> None:
+    """A client picking another route (the Responses API here) does not step around the server's
+    rules: the workers cut its text where the chat route's ends with content_filter."""
+    model = httpx.get(guarded.base + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"]
+    chat = httpx.post(guarded.base + "/v1/chat/completions", headers=AUTH, timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": WAR}], "max_tokens": 40, "temperature": 0}).json()
+    assert chat["choices"][0]["finish_reason"] == "content_filter", chat
+    answer = httpx.post(guarded.base + "/v1/responses", headers=AUTH, timeout=120, json={
+        "model": model, "input": WAR, "max_output_tokens": 40, "temperature": 0}).json()
+    text = "".join(part["text"] for item in answer["output"] for part in item.get("content") or ())
+    assert text == chat["choices"][0]["message"]["content"]
+    assert answer["usage"]["output_tokens"] == chat["usage"]["completion_tokens"] < 40, (text, answer["usage"])
+
+
 def test_each_sequence_of_n_and_prompt_lists_is_watched_alone(guarded) -> None:
     """n and prompt lists run one engine request per sequence (fan_out.py): each choice is watched by
     its own rules and the server's as if it were sent alone, in one response and in one stream."""

@@ -1,0 +1,79 @@
+"""vLLM's other text-generating routes (the Responses API, Anthropic's /v1/messages, SageMaker's
+/invocations...): steering is taken on /v1/completions and /v1/chat/completions (and gRPC) only.
+
+On the others a request that names a sae_serve field gets a 400 naming it, rather than a silently
+unsteered answer. (The server's own guardrails run there too: the workers apply them to every
+request, whatever route it came by.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from sae_serve.errors import SpecError
+from sae_serve.server.http_errors import error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# The POST routes of vLLM 0.26 to 0.32 that generate text without going through ours.
+UNSTEERED_ROUTES = frozenset({
+    "/v1/responses", "/v1/messages", "/v1/chat/completions/batch", "/cohere/v2/chat", "/invocations",
+    "/inference/v1/generate", "/generative_scoring", "/v1/systemone",
+})
+SAE_FIELDS = ("steering", "return_features", "guardrails", "return_hidden_states")
+STEERED_ROUTES = "/v1/completions and /v1/chat/completions (or gRPC)"
+
+
+def check(path: str, body: bytes) -> SpecError | None:
+    """Why a POST to ``path`` with ``body`` is refused, if it is."""
+    try:
+        fields = json.loads(body)
+    except ValueError:  # vLLM's route answers a body that is not JSON
+        return None
+    named = [name for name in SAE_FIELDS if isinstance(fields, dict) and name in fields]
+    if named:
+        return SpecError(named[0], f"{path} does not steer: send {named[0]} to {STEERED_ROUTES}")
+    return None
+
+
+class UnsteeredRoutes:
+    """ASGI middleware: refuses what ``check`` refuses on ``UNSTEERED_ROUTES``, before vLLM reads it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        path = path.removeprefix(scope.get("root_path", "")) or path
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in UNSTEERED_ROUTES:
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while True:  # the whole body: it is read again below, by vLLM's route
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        refused = check(path, body)
+        if refused is not None:
+            return await _refuse(send, refused, getattr(scope["app"].state, "sae_serve", None))
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(send: Send, error: SpecError, service: Any) -> None:
+    if service is not None:
+        service.metrics.refused.labels("invalid").inc()
+    body = json.dumps(error_body(400, str(error), error.field)).encode()
+    await send({"type": "http.response.start", "status": 400,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
