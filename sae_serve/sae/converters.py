@@ -102,15 +102,12 @@ def _saelens_architecture(cfg: dict[str, Any], source: Path) -> str:
 
 def _saelens_checks(cfg: dict[str, Any], metadata: dict[str, Any], source: Path) -> None:
     norm = cfg.get("normalize_activations")
-    # expected_average_only_in (True before 6): SAELens' trainer folds the dataset scale into the weights
-    # it saves, and SAELens' SAE computes the option as no normalisation, as we do.
-    if norm not in (None, False, True, "none", "expected_average_only_in"):
+    if norm in (True, "expected_average_only_in"):  # (SAELens sets 'none' when it folds the factor in)
+        raise refuse(source, "normalize_activations", norm, "its scale factor is not in the file (SAELens keeps it "
+                      "as norm_scaling_factor in pretrained_saes.yaml, or in the trainer's state): fold it in "
+                      "(W_enc *= s, W_dec /= s, b_dec /= s) and set 'none'")
+    if norm not in (None, False, "none"):
         raise refuse(source, "normalize_activations", norm, "per-token normalisation of the input is not")
-    kwargs = cfg.get("model_from_pretrained_kwargs")
-    if isinstance(kwargs, dict) and kwargs.get("center_writing_weights"):
-        raise refuse(source, "model_from_pretrained_kwargs.center_writing_weights", True, "the SAE read a "
-                      "TransformerLens model whose writing weights were centred, so its residual stream (mean "
-                      "removed) is not the one this model computes")
     if cfg.get("reshape_activations") not in (None, "none"):
         raise refuse(source, "reshape_activations", cfg["reshape_activations"],
                       "only residual-stream SAEs are (hook_z SAEs read attention heads)")

@@ -210,7 +210,7 @@ def _gemma_scope_2_site(cfg: dict[str, Any], folder: Path, cfg_path: Path) -> in
         if hook is None:
             raise refuse(cfg_path, "hf_hook_point_in", cfg["hf_hook_point_in"], "only residual-stream SAEs "
                           "(model.layers.N.output) are")
-        if cfg.get("hf_hook_point_out", cfg["hf_hook_point_in"]) != cfg["hf_hook_point_in"]:
+        if cfg.get("hf_hook_point_out") not in (None, cfg["hf_hook_point_in"]):
             raise refuse(cfg_path, "hf_hook_point_out", cfg["hf_hook_point_out"], "a transcoder predicts another site")
         return hook[0]
     if not folder.parent.name.startswith("resid_post"):

@@ -34,7 +34,7 @@ def check(path: str, body: bytes) -> SpecError | None:
     """Why a POST to ``path`` with ``body`` is refused, if it is."""
     try:
         fields = json.loads(body)
-    except ValueError:  # vLLM's route answers a body that is not JSON
+    except (ValueError, RecursionError):  # vLLM's route answers a body that is not JSON (or nests too deep)
         return None
     named = [name for name in SAE_FIELDS if isinstance(fields, dict) and name in fields]
     if named:
@@ -49,18 +49,14 @@ class UnsteeredRoutes:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        path = path.removeprefix(scope.get("root_path", "")) or path
-        if scope["type"] != "http" or scope["method"] != "POST" or path not in UNSTEERED_ROUTES:
+        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) not in UNSTEERED_ROUTES:
             return await self.app(scope, receive, send)
-        messages, body = [], b""
+        messages = []
         while True:  # the whole body: it is read again below, by vLLM's route
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
+            messages.append(message := await receive())
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
-        refused = check(path, body)
+        refused = check(_route_path(scope), b"".join(m.get("body", b"") for m in messages))
         if refused is not None:
             return await _refuse(send, refused, getattr(scope["app"].state, "sae_serve", None))
 
@@ -68,6 +64,14 @@ class UnsteeredRoutes:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the routes match: without the server's root path (cut only at a ``/``, as Starlette does)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+        return path[len(root):]
+    return path
 
 
 async def _refuse(send: Send, error: SpecError, service: Any) -> None:

@@ -108,7 +108,8 @@ def test_saelens_training_checkpoints_and_old_configs(tmp_path: Path) -> None:
     ({"architecture": "gated"}, {}, "architecture='gated'"),
     ({"architecture": "skip_transcoder", "d_out": D}, {}, "architecture='skip_transcoder'"),
     ({"architecture": "jumprelu_transcoder"}, {}, "architecture='jumprelu_transcoder'"),
-    ({"model_from_pretrained_kwargs": {"center_writing_weights": True}}, {}, "center_writing_weights=True"),
+    ({"normalize_activations": "expected_average_only_in"}, {}, "normalize_activations='expected_average_only_in'"),
+    ({"normalize_activations": True}, {}, "normalize_activations=True"),
     ({"normalize_activations": "constant_norm_rescale"}, {}, "normalize_activations='constant_norm_rescale'"),
     ({"reshape_activations": "hook_z"}, {}, "reshape_activations='hook_z'"),
     ({"metadata": {"hook_name": "blocks.4.attn.hook_z"}}, {}, "hook_name='blocks.4.attn.hook_z'"),
@@ -128,8 +129,8 @@ def test_saelens_options_that_change_the_math_are_refused_by_name(tmp_path: Path
 
 def test_saelens_runner_configs_before_6_and_sae_on_hugging_face_models_load(tmp_path: Path) -> None:
     """Before 6, SAELens' trainer saved its whole run config as cfg.json (as gpt2-small-res-jb's and
-    most community files are), with expected_average_only_in already folded into the weights; SAELens
-    reads only the SAE's fields. An SAE trained on a Hugging Face model names its hook by module path."""
+    most community files are); SAELens reads only the SAE's fields. An SAE trained on a Hugging Face
+    model names its hook by module path."""
     t, x = _random(3, decoder_norms=False), _x()
     pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
     old = tmp_path / "runner"
@@ -138,7 +139,7 @@ def test_saelens_runner_configs_before_6_and_sae_on_hugging_face_models_load(tmp
         "model_name": "gpt2-small", "hook_point": "blocks.8.hook_resid_pre", "hook_point_layer": 8, "d_in": D,
         "d_sae": F, "dataset_path": "Skylion007/openwebtext", "is_dataset_tokenized": False, "context_size": 128,
         "use_cached_activations": False, "b_dec_init_method": "geometric_median", "expansion_factor": F // D,
-        "normalize_activations": True, "lr": 4e-4, "lr_scheduler_name": "constant", "l1_coefficient": 8e-5,
+        "normalize_activations": False, "lr": 4e-4, "lr_scheduler_name": "constant", "l1_coefficient": 8e-5,
         "use_ghost_grads": True, "feature_sampling_window": 1000, "wandb_project": "gpt2", "seed": 42,
         "n_batches_in_buffer": 128, "sae_lens_training_version": "3.5.0", "apply_b_dec_to_input": True}))
     sae = load_sae(old)
@@ -154,10 +155,13 @@ def test_saelens_runner_configs_before_6_and_sae_on_hugging_face_models_load(tmp
 
 
 # --- Gemma Scope 2 -------------------------------------------------------------------------------
+GS2_THRESHOLD = torch.linspace(0.05, 0.6, F, dtype=torch.float64)
+
+
 def _write_gemma_scope_2(folder: Path, t: dict[str, torch.Tensor], cfg: dict | None, **extra: torch.Tensor) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"w_enc": t["W_enc"].float().contiguous(), "w_dec": t["W_dec"].float().contiguous(),
-               "b_enc": t["b_enc"].float(), "b_dec": t["b_dec"].float(), "threshold": torch.full((F,), 0.2),
+               "b_enc": t["b_enc"].float(), "b_dec": t["b_dec"].float(), "threshold": GS2_THRESHOLD.float(),
                **extra}, str(folder / "params.safetensors"))
     if cfg is not None:  # as google/gemma-scope-2-4b-pt resid_post/layer_17_width_16k_l0_big/config.json
         (folder / "config.json").write_text(json.dumps({
@@ -170,7 +174,7 @@ def _write_gemma_scope_2(folder: Path, t: dict[str, torch.Tensor], cfg: dict | N
 def test_gemma_scope_2_computes_its_jumprelu_and_refuses_other_sites(tmp_path: Path) -> None:
     t, x = _random(4), _x()
     pre = x @ t["W_enc"] + t["b_enc"]  # no b_dec subtracted; pre * (pre > threshold)
-    acts = pre * (pre > 0.2)
+    acts = pre * (pre > GS2_THRESHOLD)
     sae = load_sae(_write_gemma_scope_2(tmp_path / "resid_post" / "layer_17_width_16k_l0_big", t, {}))
     assert (sae.cfg.architecture, sae.hook_layer, sae.hook_point, sae.cfg.model_name) == (
         "jumprelu", 17, "resid_post", "google/gemma-3-4b-pt")
