@@ -208,7 +208,8 @@ class SteeringService:
             raise SpecError(field, f"{count} sequences that each read or are watched exceed this server's limit of "
                             f"{self.limits.max_sequences} per request (config limits.max_sequences)")
         if fan_out.get("use_beam_search"):  # vLLM's beam search builds its own sampling params: unsteered
-            raise SpecError("use_beam_search", "steering and return_features do not apply to beam search")
+            raise SpecError("use_beam_search", "steering, readouts and guardrails (this server's own included) do "
+                            "not apply to beam search")
         for name, sequences in fan_out.items():
             for asked, reads in (("return_features", resolved.readout), ("return_hidden_states", resolved.hidden)):
                 if reads is not None and sequences > 1:
