@@ -15,6 +15,7 @@ import torch
 from sae_serve.errors import SaeFormatError
 from sae_serve.sae.reading import (
     Converted,
+    exact_tensors,
     field,
     fold_decoder_norms,
     layer_from_path,
@@ -162,18 +163,12 @@ def from_llama_scope(folder: Path, hook_layer: int | None) -> Converted:
         raise refuse(cfg_path, "apply_decoder_bias_to_pre_encoder", True, "with different in and out norms the "
                       "bias subtracted in normalised units has no raw-unit equivalent")
     raw = read_safetensors(folder / LLAMA_SCOPE_WEIGHTS)
-    expected = {"encoder.weight", "encoder.bias", "decoder.weight"} | ({"decoder.bias"} if bias else set())
-    if set(raw) != expected:
-        odd = sorted(set(raw) ^ expected)[0]
-        raise SaeFormatError(folder / LLAMA_SCOPE_WEIGHTS, f"tensor {odd} is {'missing' if odd in expected else 'not'}"
-                             f"{'' if odd in expected else ' part of this SAE (use_decoder_bias, use_glu_encoder?)'}")
-    try:
-        d_sae = raw["encoder.weight"].shape[0]
-        tensors = {"W_enc": raw["encoder.weight"].T * s_in, "b_enc": raw["encoder.bias"],
-                   "W_dec": raw["decoder.weight"].T, "b_dec": raw["decoder.bias"] if bias else
-                   torch.zeros(raw["decoder.weight"].shape[0])}
-    except KeyError as exc:
-        raise SaeFormatError(folder / LLAMA_SCOPE_WEIGHTS, f"missing tensor {exc}") from None
+    exact_tensors(raw, {"encoder.weight", "encoder.bias", "decoder.weight"} | ({"decoder.bias"} if bias else set()),
+                  folder / LLAMA_SCOPE_WEIGHTS, "this SAE (use_decoder_bias, use_glu_encoder?)")
+    d_sae = raw["encoder.weight"].shape[0]
+    tensors = {"W_enc": raw["encoder.weight"].T * s_in, "b_enc": raw["encoder.bias"],
+               "W_dec": raw["decoder.weight"].T, "b_dec": raw["decoder.bias"] if bias else
+               torch.zeros(raw["decoder.weight"].shape[0])}
     # sparsity_include_decoder_norm: lm_saes activates pre * |W_dec_i| and divides the activations back.
     # For jumprelu that is pre gated at threshold / |W_dec_i| (its own activation values, exactly); relu
     # is unchanged by it; topk selects on the scaled values, so its norms are folded in (activations
@@ -229,9 +224,7 @@ def from_gemma_scope_2(folder: Path, hook_layer: int | None) -> Converted:
     layer = _gemma_scope_2_site(cfg, folder, cfg_path)
     path = folder / GEMMA_SCOPE_2_PARAMS
     raw = read_safetensors(path)
-    if set(raw) != set(_GEMMA_SCOPE_2_TENSORS):
-        odd = sorted(set(raw) ^ set(_GEMMA_SCOPE_2_TENSORS))[0]
-        raise SaeFormatError(path, f"tensor {odd} is {'missing' if odd not in raw else 'not part of a residual SAE'}")
+    exact_tensors(raw, _GEMMA_SCOPE_2_TENSORS, path, "a residual SAE")
     tensors = {ours: raw[theirs] for theirs, ours in _GEMMA_SCOPE_2_TENSORS.items()}
     if tensors["W_enc"].ndim != 2:
         raise SaeFormatError(path, "tensor w_enc must be 2-D")

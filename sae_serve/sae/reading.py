@@ -83,6 +83,13 @@ def require_layer(source: Path, hook_layer: int | None) -> int:
     return hook_layer
 
 
+def exact_tensors(tensors: dict[str, torch.Tensor], expected: Iterable[str], source: Path, what: str) -> None:
+    """Refuse a file whose tensors are not exactly ``expected``, naming the first missing or extra one."""
+    odd = sorted(set(tensors) ^ set(expected))
+    if odd:
+        raise SaeFormatError(source, f"tensor {odd[0]} is {'not part of ' + what if odd[0] in tensors else 'missing'}")
+
+
 def refuse_unknown(cfg: dict[str, Any], known: Iterable[str], source: Path) -> None:
     unknown = sorted(set(cfg) - set(known))
     if unknown:

@@ -38,7 +38,7 @@ from sae_serve.server.service import (
     SteeringService,
     hidden_states_json,
 )
-from sae_serve.server.unsteered_routes import UnsteeredRoutes
+from sae_serve.server.unsteered_routes import SAE_FIELDS, UnsteeredRoutes
 from sae_serve.steering.spec import FeatureReadoutSpec, Guardrail, HiddenStatesSpec, SteeringSpec
 
 STEERING_DOC = "sae_serve: feature steering of this request (clamp / add / scale features, add vectors)."
@@ -76,8 +76,7 @@ def _steered_route(base: type, vllm_handler: Callable[..., Awaitable[Response]])
 
     async def route(request: Steered, raw_request: Request) -> Response:  # type: ignore[valid-type]
         service: SteeringService = raw_request.app.state.sae_serve
-        fields = {"steering": request.steering, "return_features": request.return_features,
-                  "guardrails": request.guardrails, "return_hidden_states": request.return_hidden_states}
+        fields = {name: getattr(request, name) for name in SAE_FIELDS}
         try:
             prepared = service.prepare(service.parse({k: v for k, v in fields.items() if v is not None}),
                                        client_salt=request.cache_salt, fan_out=unsplittable(request),

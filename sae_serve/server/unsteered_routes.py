@@ -12,6 +12,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from sae_serve.errors import SpecError
 from sae_serve.server.http_errors import error_body
 
@@ -26,7 +28,7 @@ UNSTEERED_ROUTES = frozenset({
     "/v1/responses", "/v1/messages", "/v1/chat/completions/batch", "/cohere/v2/chat", "/invocations",
     "/inference/v1/generate", "/generative_scoring", "/v1/systemone",
 })
-SAE_FIELDS = ("steering", "return_features", "guardrails", "return_hidden_states")
+SAE_FIELDS = ("steering", "return_features", "guardrails", "return_hidden_states")  # what our routes add
 STEERED_ROUTES = "/v1/completions and /v1/chat/completions (or gRPC)"
 
 
@@ -36,10 +38,8 @@ def check(path: str, body: bytes) -> SpecError | None:
         fields = json.loads(body)
     except (ValueError, RecursionError):  # vLLM's route answers a body that is not JSON (or nests too deep)
         return None
-    named = [name for name in SAE_FIELDS if isinstance(fields, dict) and name in fields]
-    if named:
-        return SpecError(named[0], f"{path} does not steer: send {named[0]} to {STEERED_ROUTES}")
-    return None
+    named = next((name for name in SAE_FIELDS if name in fields), None) if isinstance(fields, dict) else None
+    return None if named is None else SpecError(named, f"{path} does not steer: send {named} to {STEERED_ROUTES}")
 
 
 class UnsteeredRoutes:
@@ -49,16 +49,20 @@ class UnsteeredRoutes:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) not in UNSTEERED_ROUTES:
+        path = _route_path(scope)
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in UNSTEERED_ROUTES:
             return await self.app(scope, receive, send)
         messages = []
         while True:  # the whole body: it is read again below, by vLLM's route
             messages.append(message := await receive())
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
-        refused = check(_route_path(scope), b"".join(m.get("body", b"") for m in messages))
+        refused = check(path, b"".join(m.get("body", b"") for m in messages))
         if refused is not None:
-            return await _refuse(send, refused, getattr(scope["app"].state, "sae_serve", None))
+            if (service := getattr(scope["app"].state, "sae_serve", None)) is not None:
+                service.metrics.refused.labels("invalid").inc()
+            response = JSONResponse(error_body(400, str(refused), refused.field), status_code=400)
+            return await response(scope, receive, send)
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
@@ -73,11 +77,3 @@ def _route_path(scope: Scope) -> str:
         return path[len(root):]
     return path
 
-
-async def _refuse(send: Send, error: SpecError, service: Any) -> None:
-    if service is not None:
-        service.metrics.refused.labels("invalid").inc()
-    body = json.dumps(error_body(400, str(error), error.field)).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

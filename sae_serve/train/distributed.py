@@ -116,8 +116,8 @@ class Ranks:
         """Leave the process group (every process, once done). The barrier first: a process that
         tears down its gloo connections while a peer still uses them aborts ("terminate called
         without an active exception"), about one run in six on two CPU processes."""
+        self.barrier()
         if self.world > 1:
-            dist.barrier()
             dist.destroy_process_group()
 
     def _reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
